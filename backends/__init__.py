@@ -1,0 +1,1 @@
+"""Inference engines: how to launch each one, check it, and what it serves."""

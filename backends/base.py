@@ -1,0 +1,78 @@
+"""The backend interface: what every inference engine module provides.
+
+A backend is a small object that knows how to *describe* a launch of its engine; it
+never starts processes itself. The node agent (`gpumesh.mesh.agent`) owns the
+processes: it asks a backend for a `LaunchSpec`, starts it, probes readiness through
+`Backend.health_path`, and kills it on stop. Keeping the two apart means a backend
+can be unit-tested by inspecting the spec alone.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+__all__ = ["Backend", "BackendUnavailable", "LaunchRequest", "LaunchSpec"]
+
+
+class BackendUnavailable(Exception):
+    """The engine cannot run on this node (not installed, wrong platform ...).
+
+    The message is shown to users as is, so it says what is missing and how to get it.
+    """
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything a backend needs to build one instance's launch."""
+
+    model_path: str            # a file (GGUF) or a directory (safetensors + config.json)
+    served_name: str           # the name clients use in the OpenAI `model` field
+    port: int                  # the engine listens on host:port, nothing else
+    host: str = "127.0.0.1"    # engines have no auth of their own: loopback only
+    gpu_vendor: str | None = None          # "nvidia" / "amd" / None for CPU
+    gpu_indices: tuple[int, ...] = ()      # devices this instance may use
+    context_length: int | None = None      # None: the backend's default
+    extra_args: tuple[str, ...] = ()       # passed through from the deployment spec
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """A process to start: argv + environment additions. Plain data, easy to assert on."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One inference engine. Subclasses set the class attributes and implement `launch`."""
+
+    name: str = ""                          # the `--backend` value users type
+    model_formats: frozenset[str] = frozenset()   # "gguf", "safetensors", ...
+    gpu_vendors: frozenset[str] = frozenset()     # vendors it can use; empty: CPU only
+    runs_on_cpu: bool = False
+    health_path: str = "/health"            # GET returns 200 once the model is loaded
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The installed engine's version; raises BackendUnavailable if it is missing."""
+
+    @abc.abstractmethod
+    def launch(self, request: LaunchRequest) -> LaunchSpec:
+        """The process that serves `request`; raises BackendUnavailable if it cannot."""
+
+    def describe(self) -> dict[str, object]:
+        """Plain-data summary for the API and CLI (`gpumesh backends`)."""
+        try:
+            version, problem = self.version(), None
+        except BackendUnavailable as exc:
+            version, problem = None, str(exc)
+        return {
+            "name": self.name,
+            "version": version,
+            "available": problem is None,
+            "problem": problem,
+            "model_formats": sorted(self.model_formats),
+            "gpu_vendors": sorted(self.gpu_vendors),
+            "runs_on_cpu": self.runs_on_cpu,
+        }

@@ -1,0 +1,1 @@
+"""The gpumesh daemon: config, state, scheduler, node agent, gateway, API, CLI."""

@@ -1,0 +1,1 @@
+"""GPU probes: NVIDIA (NVML), AMD (AMD SMI), and a CPU fallback."""
