@@ -1,0 +1,5 @@
+import sys
+
+from gpumesh.mesh.cli import main
+
+sys.exit(main())

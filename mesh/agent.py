@@ -1,0 +1,75 @@
+"""NodeAgent: make this node run exactly the instances the state assigns to it.
+
+The agent watches the replicated state. For every instance assigned to this node it keeps
+one `InstanceSupervisor`; when an instance disappears from the state (model deleted,
+scaled down, moved) its supervisor is stopped. The agent owns the supervisors, and the
+daemon owns the agent: `stop()` ends every engine this node started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import aiohttp
+
+from .instance import InstanceSupervisor
+from .state import ClusterStore, StateView
+
+__all__ = ["NodeAgent"]
+
+log = logging.getLogger("gpumesh.agent")
+
+_RESYNC_S = 5.0   # re-check even without a change notification (belt and braces)
+
+
+class NodeAgent:
+    def __init__(self, *, node_id: str, store: ClusterStore, session: aiohttp.ClientSession,
+                 model_cache: Path, log_dir: Path) -> None:
+        self._node_id = node_id
+        self._store = store
+        self._session = session
+        self._model_cache = model_cache
+        self._log_dir = log_dir
+        self._supervisors: dict[str, InstanceSupervisor] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Reconcile on every state change until cancelled."""
+        version = -1
+        while True:
+            view = await self._store.wait_changed(version, timeout=_RESYNC_S)
+            version = view.version
+            self.reconcile(view)
+
+    def reconcile(self, view: StateView) -> None:
+        wanted = {i["id"] for i in view.instances_on(self._node_id)}
+        for instance_id in wanted - self._supervisors.keys():
+            supervisor = InstanceSupervisor(
+                instance_id, node_id=self._node_id, store=self._store, session=self._session,
+                model_cache=self._model_cache, log_file=self._log_dir / f"{instance_id}.log")
+            self._supervisors[instance_id] = supervisor
+            supervisor.start()
+        for instance_id in self._supervisors.keys() - wanted:
+            supervisor = self._supervisors.pop(instance_id)
+            log.info("instance %s is no longer assigned here; stopping it", instance_id)
+            task = asyncio.create_task(supervisor.stop(), name=f"stop-{instance_id}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def stop(self) -> None:
+        """Stop every engine this node runs and wait until they are gone."""
+        supervisors = list(self._supervisors.values())
+        self._supervisors.clear()
+        await asyncio.gather(*(s.stop() for s in supervisors), *self._stopping,
+                             return_exceptions=True)
+
+    def kill_now(self) -> None:
+        """The user insisted (second Ctrl-C): SIGKILL every engine without waiting."""
+        for supervisor in self._supervisors.values():
+            supervisor.kill_now()
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(self._supervisors)

@@ -1,0 +1,184 @@
+"""The management API under /api, on every node. Admin key required (except /api/health).
+
+Reads are served from this node's replica of the state (they may trail the leader by a
+commit); writes are replicated commands, committed before the answer. Errors use the same
+OpenAI-shaped body as the gateway, so one client parses both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from aiohttp import web
+
+from gpumesh import __version__
+from .auth import ADMIN, hash_key, key_from_request, openai_error
+from .deployments import DeploymentError, build_model_record
+from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
+
+__all__ = ["ManagementApi", "model_summary"]
+
+_REJECTION_STATUS = {"model_exists": 409, "model_not_found": 404, "instance_not_found": 404}
+
+
+class ManagementApi:
+    def __init__(self, store: ClusterStore, node_id: str, started: float,
+                 local_backends: Callable[[], list[dict[str, Any]]]):
+        self._store = store
+        self._node_id = node_id
+        self._started = started
+        self._local_backends = local_backends
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/api/health", self.health)
+        r.add_get("/api/status", self.status)
+        r.add_get("/api/nodes", self.list_nodes)
+        r.add_get("/api/backends", self.list_backends)
+        r.add_get("/api/models", self.list_models)
+        r.add_post("/api/models", self.create_model)
+        r.add_get("/api/models/{name:.+}", self.get_model)
+        r.add_patch("/api/models/{name:.+}", self.update_model)
+        r.add_delete("/api/models/{name:.+}", self.delete_model)
+        r.add_get("/api/instances", self.list_instances)
+
+    @web.middleware
+    async def require_admin(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Middleware for /api/*: an admin key, or 401/403 in the OpenAI error shape."""
+        if not request.path.startswith("/api/") or request.path == "/api/health":
+            return await handler(request)
+        key = key_from_request(request)
+        record = self._store.view.api_key(hash_key(key)) if key else None
+        if record is None:
+            return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                code="invalid_api_key")
+        if record["role"] != ADMIN:
+            return openai_error(403, "this API key may not manage the cluster (admin only)",
+                                type_="permission_error", code="forbidden")
+        return await handler(request)
+
+    # --- read ------------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        view = self._store.view
+        return web.json_response({
+            "version": __version__,
+            "node_id": self._node_id,
+            "uptime_s": round(time.time() - self._started, 1),
+            "raft": self._store.status.to_dict(),
+            "counts": {"nodes": len(view.nodes), "models": len(view.models),
+                       "instances": len(view.instances)},
+        })
+
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": sorted(self._store.view.nodes.values(),
+                                                 key=lambda n: n["name"])})
+
+    async def list_backends(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": self._local_backends()})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        view = self._store.view
+        return web.json_response({"data": [model_summary(view, name)
+                                           for name in sorted(view.models)]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        view = self._store.view
+        name = request.match_info["name"]
+        if name not in view.models:
+            return openai_error(404, f"no model named {name!r}", code="model_not_found")
+        return web.json_response(model_summary(view, name))
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        instances = sorted(self._store.view.instances.values(), key=lambda i: i["id"])
+        return web.json_response({"data": instances})
+
+    # --- write -----------------------------------------------------------------------------
+
+    async def create_model(self, request: web.Request) -> web.Response:
+        spec = await _json_object(request)
+        if isinstance(spec, web.Response):
+            return spec
+        try:
+            record = await asyncio.to_thread(build_model_record, spec)
+        except DeploymentError as exc:
+            return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
+        result = await self._submit({"op": "create_model", "model": record})
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response(model_summary(self._store.view, record["name"]), status=201)
+
+    async def update_model(self, request: web.Request) -> web.Response:
+        """Only `replicas` can change in place; anything else is a new deployment."""
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        if set(body) != {"replicas"}:
+            return openai_error(400, "only 'replicas' can be changed; delete and deploy again "
+                                "to change anything else", param=",".join(sorted(body)))
+        replicas = body["replicas"]
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
+            return openai_error(400, "replicas must be a whole number from 0 to 64",
+                                param="replicas")
+        name = request.match_info["name"]
+        result = await self._submit({"op": "update_model", "name": name,
+                                     "changes": {"replicas": replicas}})
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response(model_summary(self._store.view, name))
+
+    async def delete_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        result = await self._submit({"op": "delete_model", "name": name})
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response({"deleted": name,
+                                  "instances_removed": result["instances_removed"]})
+
+    async def _submit(self, command: dict[str, Any]) -> dict[str, Any] | web.Response:
+        try:
+            return await self._store.submit(command)
+        except CommandRejected as exc:
+            return openai_error(_REJECTION_STATUS.get(exc.code, 409), str(exc), code=exc.code)
+        except StateUnavailable as exc:
+            return openai_error(503, f"the cluster cannot accept writes now: {exc}",
+                                type_="server_error", code="no_quorum",
+                                headers={"Retry-After": "2"})
+
+
+def model_summary(view: StateView, name: str) -> dict[str, Any]:
+    """The model record plus what users ask first: is it up, and if not, why."""
+    model = view.models[name]
+    instances = sorted(view.instances_of(name), key=lambda i: i["id"])
+    states = Counter(i["state"] for i in instances)
+    return {**model, "status": _model_status(model, states), "instances": instances,
+            "ready_replicas": states.get("running", 0)}
+
+
+def _model_status(model: dict[str, Any], states: Counter) -> str:
+    if model["replicas"] == 0:
+        return "stopped"
+    if states.get("running", 0) >= model["replicas"]:
+        return "running"
+    if model.get("schedule_error"):
+        return "unschedulable"
+    if states.get("error"):
+        return "error"
+    return "deploying"
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return openai_error(400, "the request body must be JSON")
+    if not isinstance(body, dict):
+        return openai_error(400, "the request body must be a JSON object")
+    return body
+

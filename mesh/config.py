@@ -1,0 +1,120 @@
+"""Daemon configuration: defaults, environment, command-line flags, validated up front.
+
+Every setting has one place where its default lives (the dataclass below) and one
+name users see (`--api-port` / `GPUMESH_API_PORT`). Validation errors name the flag the
+user typed and say which values are defaults, so a mistake is fixed in one try.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["Config", "ConfigError", "default_data_dir"]
+
+DEFAULT_API_PORT = 8470
+DEFAULT_RAFT_PORT = 8471
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag and the allowed values."""
+
+
+def default_data_dir() -> Path:
+    """`$GPUMESH_DATA_DIR`, else `$XDG_DATA_HOME/gpumesh`, else `~/.local/share/gpumesh`."""
+    if env := os.environ.get("GPUMESH_DATA_DIR"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "gpumesh"
+
+
+@dataclass
+class Config:
+    """The settings of one `gpumesh up`. Field metadata gives the flag and env names."""
+
+    data_dir: Path = field(default_factory=default_data_dir,
+                           metadata={"flag": "--data-dir", "env": "GPUMESH_DATA_DIR"})
+    host: str = field(default="127.0.0.1",
+                      metadata={"flag": "--host", "env": "GPUMESH_HOST"})
+    api_port: int = field(default=DEFAULT_API_PORT,
+                          metadata={"flag": "--api-port", "env": "GPUMESH_API_PORT"})
+    raft_port: int = field(default=DEFAULT_RAFT_PORT,
+                           metadata={"flag": "--raft-port", "env": "GPUMESH_RAFT_PORT"})
+    node_name: str = field(default_factory=lambda: os.uname().nodename,
+                           metadata={"flag": "--node-name", "env": "GPUMESH_NODE_NAME"})
+    gpu_probe: str = field(default="auto",
+                           metadata={"flag": "--gpu-probe", "env": "GPUMESH_GPU_PROBE"})
+    # Memory the scheduler leaves to the OS and the daemon on every node.
+    reserved_memory_mib: int = field(default=1024,
+                                     metadata={"flag": "--reserved-memory-mib",
+                                               "env": "GPUMESH_RESERVED_MEMORY_MIB"})
+    log_level: str = field(default="info",
+                           metadata={"flag": "--log-level", "env": "GPUMESH_LOG_LEVEL"})
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, object]) -> "Config":
+        """Build from environment variables, overridden by flags that were given (not None)."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            env_value = os.environ.get(f.metadata["env"])
+            if env_value is not None and f.name != "data_dir":  # data_dir reads its env in its default
+                values[f.name] = env_value
+            if flags.get(f.name) is not None:
+                values[f.name] = flags[f.name]
+        config = cls(**{k: v for k, v in values.items()})  # type: ignore[arg-type]
+        config.normalise()
+        return config
+
+    def normalise(self) -> None:
+        """Coerce types and check ranges; raise ConfigError naming the flag."""
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.api_port = _port(self.api_port, "api_port")
+        self.raft_port = _port(self.raft_port, "raft_port")
+        if self.api_port == self.raft_port:
+            raise ConfigError(f"--api-port and --raft-port must differ (both {self.api_port})")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"--host must be an IP address, got {self.host!r}") from None
+        if self.gpu_probe not in ("auto", "nvidia", "amd", "cpu"):
+            raise ConfigError(f"--gpu-probe must be auto, nvidia, amd or cpu (default auto), "
+                              f"got {self.gpu_probe!r}")
+        self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
+        self.log_level = str(self.log_level).lower()
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"--log-level must be debug, info, warning or error (default info), "
+                              f"got {self.log_level!r}")
+        if not self.node_name or len(self.node_name) > 63:
+            raise ConfigError("--node-name must be 1 to 63 characters")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int(value: object, name: str, minimum: int) -> int:
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_flag(name)} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{_flag(name)} must be at least {minimum}, got {number}")
+    return number
+
+
+def _port(value: object, name: str) -> int:
+    port = _int(value, name, 1)
+    if port > 65535:
+        raise ConfigError(f"{_flag(name)} must be a TCP port (1-65535), got {port}")
+    return port

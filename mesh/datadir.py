@@ -1,0 +1,88 @@
+"""The data dir: node identity, cluster secret, Raft journal paths, the admin key file.
+
+Layout (all created 0700/0600 because the Raft journal and the secret are sensitive):
+
+    <data-dir>/node.json        {"id": ..., "created": ...}  stable across restarts
+    <data-dir>/cluster.secret   the cluster secret (Raft transport password)
+    <data-dir>/admin.key        the first admin API key, written once on first start
+    <data-dir>/raft/journal     pysyncobj's journal
+    <data-dir>/raft/snapshot    pysyncobj's full dumps (log compaction)
+    <data-dir>/logs/            one log file per backend instance
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataDir"]
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path) -> "DataDir":
+        """Create the folder tree if needed and tighten its permissions."""
+        for folder in (root, root / "raft", root / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        return cls(root)
+
+    @property
+    def journal_file(self) -> Path:
+        return self.root / "raft" / "journal"
+
+    @property
+    def snapshot_file(self) -> Path:
+        return self.root / "raft" / "snapshot"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.root / "admin.key"
+
+    def instance_log(self, instance_id: str) -> Path:
+        return self.root / "logs" / f"{instance_id}.log"
+
+    def node_id(self) -> str:
+        """This node's id, made on first start and kept: the cluster knows the node by it."""
+        path = self.root / "node.json"
+        if path.exists():
+            return str(json.loads(path.read_text())["id"])
+        node_id = uuid.uuid4().hex[:12]
+        _write_private(path, json.dumps({"id": node_id, "created": time.time()}) + "\n")
+        return node_id
+
+    def cluster_secret(self) -> str:
+        """The secret that authenticates and encrypts the Raft port; made on first start."""
+        path = self.root / "cluster.secret"
+        if path.exists():
+            return path.read_text().strip()
+        secret = secrets.token_urlsafe(32)
+        _write_private(path, secret + "\n")
+        return secret
+
+    def write_admin_key(self, key: str) -> Path:
+        _write_private(self.admin_key_file, key + "\n")
+        return self.admin_key_file
+
+    def read_admin_key(self) -> str | None:
+        try:
+            return self.admin_key_file.read_text().strip() or None
+        except OSError:
+            return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that only the owner can read, atomically (no half-written secrets)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

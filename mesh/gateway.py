@@ -1,0 +1,167 @@
+"""The OpenAI-compatible gateway, served by every node under /v1.
+
+A request is authenticated against the replicated key hashes, routed to a running instance
+of its model (least outstanding requests first, any node), and its answer is relayed byte for
+byte, streamed as it arrives. The body is parsed once to find `model`, never re-encoded.
+
+Engines listen on loopback only. An instance on this node is called directly; one on another
+node is reached through that node's gateway, with the caller's own key (valid cluster-wide)
+and `X-Gpumesh-Instance` naming the instance, so the peer hands it to its local engine.
+A connection that fails before the first byte is retried on another instance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .auth import hash_key, key_from_request, openai_error
+from .state import ClusterStore
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("gpumesh.gateway")
+
+# Paths relayed to engines as they are. Each is an OpenAI endpoint a backend may serve.
+RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+INSTANCE_HEADER = "X-Gpumesh-Instance"
+_MAX_ATTEMPTS = 3
+_STARTED = "gpumesh.response_started"   # request key: bytes have gone to the client
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
+                "date", "content-encoding"}
+
+
+class Gateway:
+    def __init__(self, store: ClusterStore, node_id: str, session: aiohttp.ClientSession):
+        self._store = store
+        self._node_id = node_id
+        self._session = session
+        self._outstanding: Counter[str] = Counter()   # instance id -> requests in flight
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.list_models)
+        for path in RELAYED_PATHS:
+            app.router.add_post(path, self.relay)
+
+    # --- handlers --------------------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._authenticate(request)) is not None:
+            return denied
+        view = self._store.view
+        data = [{"id": name, "object": "model", "created": int(model["created"]),
+                 "owned_by": "gpumesh",
+                 "ready": any(i["state"] == "running" for i in view.instances_of(name))}
+                for name, model in sorted(view.models.items())]
+        return web.json_response({"object": "list", "data": data})
+
+    async def relay(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._authenticate(request)) is not None:
+            return denied
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+            model_name = payload["model"]
+            if not isinstance(model_name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return openai_error(400, "the request body must be a JSON object with a string "
+                                "'model' field", param="model")
+        view = self._store.view
+        if model_name not in view.models:
+            return openai_error(404, f"The model '{model_name}' does not exist",
+                                code="model_not_found", param="model")
+        candidates = self._candidates(request, model_name)
+        if not candidates:
+            return self._no_instance(model_name)
+        last_error = ""
+        for instance in candidates[:_MAX_ATTEMPTS]:
+            try:
+                return await self._forward(request, instance, body)
+            except aiohttp.ClientConnectionError as exc:
+                if request.get(_STARTED):   # see _relay_response: never splice two answers
+                    raise
+                last_error = f"{instance['id']}: {exc}"
+                log.warning("instance %s unreachable, trying another: %s", instance["id"], exc)
+        return openai_error(502, f"no instance of {model_name} answered ({last_error})",
+                            type_="server_error", code="upstream_unreachable")
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request) -> web.Response | None:
+        key = key_from_request(request)
+        if key is None:
+            return openai_error(401, "You didn't provide an API key. Pass it as "
+                                "'Authorization: Bearer KEY'.", code="invalid_api_key")
+        if self._store.view.api_key(hash_key(key)) is None:
+            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+        return None
+
+    def _candidates(self, request: web.Request, model_name: str) -> list[dict[str, Any]]:
+        """Running instances, least outstanding first; a pinned instance (from a peer) alone."""
+        running = [i for i in self._store.view.instances_of(model_name)
+                   if i["state"] == "running" and i.get("port")]
+        pinned = request.headers.get(INSTANCE_HEADER)
+        if pinned is not None:
+            return [i for i in running if i["id"] == pinned and i["node_id"] == self._node_id]
+        # Local instances win ties: one hop fewer.
+        return sorted(running, key=lambda i: (self._outstanding[i["id"]],
+                                              i["node_id"] != self._node_id, i["id"]))
+
+    def _no_instance(self, model_name: str) -> web.Response:
+        model = self._store.view.models[model_name]
+        states = Counter(i["state"] for i in self._store.view.instances_of(model_name))
+        if model.get("schedule_error"):
+            why = model["schedule_error"]
+        elif states:
+            why = "instances are " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        else:
+            why = "no instance is scheduled yet"
+        return openai_error(503, f"The model '{model_name}' has no running instance: {why}",
+                            type_="server_error", code="model_not_ready",
+                            headers={"Retry-After": "5"})
+
+    def _upstream_url(self, instance: dict[str, Any], path: str) -> tuple[str, dict[str, str]]:
+        if instance["node_id"] == self._node_id:
+            return f"http://127.0.0.1:{instance['port']}{path}", {}
+        node = self._store.view.nodes.get(instance["node_id"], {})
+        return f"{node.get('api_url')}{path}", {INSTANCE_HEADER: instance["id"]}
+
+    async def _forward(self, request: web.Request, instance: dict[str, Any],
+                       body: bytes) -> web.StreamResponse:
+        url, extra = self._upstream_url(instance, request.path)
+        headers = {"Content-Type": "application/json", **extra}
+        if extra:  # a peer gateway checks the caller's key itself
+            headers["Authorization"] = request.headers.get("Authorization", "")
+        self._outstanding[instance["id"]] += 1
+        try:
+            async with self._session.post(url, data=body, headers=headers) as upstream:
+                return await self._relay_response(request, upstream)
+        finally:
+            self._outstanding[instance["id"]] -= 1
+            if self._outstanding[instance["id"]] <= 0:
+                del self._outstanding[instance["id"]]
+
+    async def _relay_response(self, request: web.Request,
+                              upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return web.Response(status=upstream.status, body=await upstream.read(),
+                                headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        request[_STARTED] = True
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except aiohttp.ClientError as exc:
+            # Bytes already reached the client: retrying elsewhere would splice two answers.
+            log.warning("stream from %s broke after the first byte: %s", upstream.url, exc)
+            raise
+        await response.write_eof()
+        return response
