@@ -1,0 +1,162 @@
+"""One node, end to end: `gpumesh up`, deploy through the CLI, answer the official OpenAI
+client from a real llama.cpp engine, refuse bad input, stop cleanly, restart and serve again.
+
+The tests in this module run in order against one daemon (module-scoped fixture); the last
+one restarts it. The model is a random-weight GGUF the test writes itself; a GBNF grammar
+pins the engine's output so the answer can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from harness import Daemon, children_of, pid_alive
+from tinymodels import write_tiny_gguf
+
+GRAMMAR = 'root ::= "hello there"'
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(workdir: Path) -> Path:
+    return write_tiny_gguf(workdir / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def daemon(workdir: Path):
+    node = Daemon(workdir / "data")
+    node.start()
+    yield node
+    node.kill()
+
+
+def client(node: Daemon, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node.url + "/v1", api_key=key or node.admin_key,
+                         max_retries=0, timeout=30)
+
+
+def test_first_start_prints_where_it_listens_and_the_admin_key_once(daemon: Daemon) -> None:
+    out = daemon.output()
+    assert f"OpenAI API   {daemon.url}/v1" in out
+    node_id = (daemon.data_dir / "node.json").read_text()
+    assert "node " in out and node_id.split('"')[3] in out
+    assert daemon.admin_key in out                       # shown once, on first start
+    assert stat.S_IMODE(os.stat(daemon.data_dir / "admin.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.data_dir).st_mode) == 0o700
+    code, body = daemon.api("/api/status")
+    assert code == 200 and body["raft"]["is_leader"] and body["raft"]["has_quorum"]
+
+
+def test_deploy_wait_then_serve_chat_through_openai_client(daemon: Daemon,
+                                                           tiny_model: Path) -> None:
+    result = daemon.cli("deploy", str(tiny_model), "--name", "tiny", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    assert "tiny is running: 1/1 replica(s) ready" in result.stdout
+
+    api = client(daemon)
+    assert "tiny" in [m.id for m in api.models.list().data]
+
+    reply = api.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
+                                        extra_body={"grammar": GRAMMAR})
+    assert reply.choices[0].message.content == "hello there"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_arrives_in_order_with_usage(daemon: Daemon) -> None:
+    stream = client(daemon).chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=16, stream=True,
+        stream_options={"include_usage": True}, extra_body={"grammar": GRAMMAR})
+    chunks = list(stream)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) >= 2                       # it really streamed, piece by piece
+    assert "".join(c.choices[0].delta.content for c in content_chunks) == "hello there"
+    assert chunks[0].choices[0].delta.role == "assistant"   # the role comes first
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_missing_or_wrong_key_is_401_and_unknown_model_404(daemon: Daemon) -> None:
+    code, body = daemon.api("/v1/models", key=None)
+    assert code == 401 and body["error"]["code"] == "invalid_api_key"
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        client(daemon, key="gm-0000-not-a-key").chat.completions.create(
+            model="tiny", messages=CHAT)
+    assert wrong.value.status_code == 401 and wrong.value.code == "invalid_api_key"
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(daemon).chat.completions.create(model="no-such-model", messages=CHAT)
+    assert missing.value.code == "model_not_found"
+
+    code, body = daemon.api("/api/models", key=None)      # management API too
+    assert code == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_deploy_refusals_say_why_and_lose_nothing(daemon: Daemon, tiny_model: Path,
+                                                  workdir: Path) -> None:
+    unknown = daemon.cli("deploy", str(tiny_model), "--name", "x", "--backend", "nope")
+    assert unknown.returncode == 1 and "unknown backend 'nope'" in unknown.stderr
+    assert "llama.cpp" in unknown.stderr                  # it lists what exists
+
+    missing = daemon.cli("deploy", str(workdir / "absent.gguf"), "--name", "x")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+    taken = daemon.cli("deploy", str(tiny_model), "--name", "tiny")
+    assert taken.returncode == 1 and "already exists" in taken.stderr
+
+    # A model far larger than this machine: a sparse file, so it costs no disk.
+    huge = workdir / "huge.gguf"
+    huge.write_bytes(tiny_model.read_bytes())
+    os.truncate(huge, 4 << 40)                            # 4 TiB apparent size
+    too_big = daemon.cli("deploy", str(huge), "--name", "huge", "--wait", "--timeout", "30")
+    assert too_big.returncode == 1
+    assert re.search(r"cannot run huge: .*needs 4\.\d TiB.*GiB RAM free for models",
+                     too_big.stderr), too_big.stderr
+
+    removed = daemon.cli("rm", "huge")
+    assert removed.returncode == 0
+    # Nothing stored before was lost, and it still answers.
+    assert daemon.wait_model("tiny")["ready_replicas"] == 1
+    reply = client(daemon).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
+                                                   extra_body={"grammar": GRAMMAR})
+    assert reply.choices[0].message.content == "hello there"
+
+
+def test_ctrl_c_stops_every_engine_and_restart_serves_again(daemon: Daemon) -> None:
+    assert daemon.process is not None
+    engines = children_of(daemon.process.pid)
+    assert engines, "the engine should be a child of the daemon"
+    first_output = daemon.output()
+
+    assert daemon.stop() == 0                             # Ctrl-C
+    deadline = time.monotonic() + 5
+    while any(pid_alive(p) for p in engines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in engines), "an engine outlived the daemon"
+
+    daemon.start()                                        # same data dir, same ports
+    restarted_output = daemon.output()[len(first_output):]
+    assert "Admin API key" not in restarted_output        # the key is shown only once
+    model = daemon.wait_model("tiny", timeout=30)         # back without a new deploy
+    assert model["ready_replicas"] == 1
+    reply = client(daemon).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
+                                                   extra_body={"grammar": GRAMMAR})
+    assert reply.choices[0].message.content == "hello there"
+    assert daemon.stop() == 0
