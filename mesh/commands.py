@@ -45,7 +45,8 @@ def empty_state() -> State:
 
 def apply_command(state: State, command: dict[str, Any]) -> tuple[State, Result]:
     """Apply one command; return the new state (old one untouched) and a result for the submitter."""
-    handler = _HANDLERS.get(command.get("op", ""))
+    op = command.get("op", "")
+    handler = _HANDLERS.get(op) if isinstance(op, str) else None   # a list op is unhashable
     if handler is None:
         return state, {"error": f"unknown command {command.get('op')!r}", "code": "bad_command"}
     try:

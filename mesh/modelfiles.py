@@ -111,7 +111,7 @@ class MemoryEstimate:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """"gguf" or "safetensors" for a model file or directory; ModelFileError otherwise."""
+    """The format of a model file or directory: "gguf" or "safetensors" (else ModelFileError)."""
     p = _existing(path)
     if p.is_file():
         if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
