@@ -114,7 +114,7 @@ class InstanceSupervisor:
             context_length=model.get("context_length"), extra_args=tuple(model.get("args", ())))
         try:
             spec = backend.launch(request)
-        except BackendUnavailable as exc:
+        except (BackendUnavailable, ModelFileError, ValueError) as exc:
             raise InstanceFailed(str(exc)) from None
         await self._launch(spec.argv, spec.env)
         assert self._process is not None
