@@ -85,6 +85,7 @@ def _update_model(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     name = cmd["name"]
     if name not in state["models"]:
         raise CommandError("model_not_found", f"no model named {name!r}")
+    _refuse_identity_changes(cmd["changes"], ("name",))
     models = dict(state["models"])
     models[name] = {**models[name], **cmd["changes"]}
     return {"models": models}, {"ok": True, "model": models[name]}
@@ -121,6 +122,9 @@ def _update_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     if expected_node is not None and current["node_id"] != expected_node:
         raise CommandError("wrong_node", f"instance {cmd['id']!r} belongs to another node")
     changes = cmd["changes"]
+    # Moving an instance is delete + create (by the leader), never an update: otherwise an
+    # agent could take over another node's instance past the wrong_node condition above.
+    _refuse_identity_changes(changes, ("id", "model", "node_id"))
     if "state" in changes and changes["state"] not in INSTANCE_STATES:
         raise CommandError("bad_state", f"unknown instance state {changes['state']!r}")
     instances = dict(state["instances"])
@@ -155,6 +159,11 @@ def _delete_api_key(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     if len(keys) == len(state["api_keys"]):
         raise CommandError("key_not_found", f"no API key {cmd['id']!r}")
     return {"api_keys": keys}, {"ok": True}
+
+
+def _refuse_identity_changes(changes: dict[str, Any], identity: tuple[str, ...]) -> None:
+    if touched := sorted(set(changes) & set(identity)):
+        raise CommandError("immutable_field", f"{', '.join(touched)} cannot be changed")
 
 
 _HANDLERS: dict[str, Callable[[State, dict[str, Any]], tuple[dict, Result]]] = {

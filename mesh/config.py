@@ -79,9 +79,11 @@ class Config:
             ipaddress.ip_address(self.host)
         except ValueError:
             raise ConfigError(f"--host must be an IP address, got {self.host!r}") from None
-        if self.gpu_probe not in ("auto", "nvidia", "amd", "cpu"):
+        probe = str(self.gpu_probe).lower()
+        if probe not in ("auto", "nvidia", "amd", "cpu"):
             raise ConfigError(f"--gpu-probe must be auto, nvidia, amd or cpu (default auto), "
                               f"got {self.gpu_probe!r}")
+        self.gpu_probe = probe
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -114,7 +116,11 @@ def _int(value: object, name: str, minimum: int) -> int:
 
 
 def _port(value: object, name: str) -> int:
-    port = _int(value, name, 1)
-    if port > 65535:
-        raise ConfigError(f"{_flag(name)} must be a TCP port (1-65535), got {port}")
+    default = {"api_port": DEFAULT_API_PORT, "raft_port": DEFAULT_RAFT_PORT}[name]
+    try:
+        port = _int(value, name, 1)
+        if port > 65535:
+            raise ConfigError(f"{_flag(name)} must be a TCP port (1-65535), got {port}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (default {default})") from None
     return port

@@ -99,14 +99,14 @@ class Scheduler:
                     Placement(node["id"], "gpu", needed, gpu["vendor"], (gpu["index"],)),
                     replicas_here, free, rank=0))
             else:
-                reasons.append(f"GPU {gpu['index']} has {format_bytes(free)} free")
+                reasons.append(f"GPU {gpu['index']} has {format_bytes(max(free, 0))} free")
         if traits["runs_on_cpu"]:
             free = self._ram_free(node["inventory"], here)
             if free >= needed:
                 found.append(_Candidate(Placement(node["id"], "cpu", needed), replicas_here,
                                         free, rank=1))
             else:
-                reasons.append(f"{format_bytes(free)} RAM free for models")
+                reasons.append(f"{format_bytes(max(free, 0))} RAM free for models")
         elif not node["inventory"].get("gpus"):
             reasons.append(f"it has no GPU and {backend} needs one")
         return found, "; ".join(dict.fromkeys(reasons)) or "no usable device"

@@ -16,13 +16,18 @@ cache through huggingface_hub, on a worker thread (blocking I/O off the event lo
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["SourceError", "describe_source", "fetch_source", "parse_source", "remote_size_bytes"]
 
 # owner/name with Hugging Face's allowed characters, optionally hf:// and a file after ':'.
 _HF_REPO = re.compile(r"^(?:hf://|huggingface://)?([\w.-]+/[\w.-]+)(?::([\w./-]+))?$")
+
+
+# "model-00001-of-00003.gguf": one shard of a split GGUF model.
+_SHARD = re.compile(r"-\d{5}-of-(\d{5})\.gguf$")
 
 
 class SourceError(ValueError):
@@ -41,9 +46,10 @@ def parse_source(text: str, *, revision: str = "main") -> dict[str, Any]:
     path = Path(text).expanduser()
     if path.exists():
         return {"kind": "local", "path": str(path.resolve())}
-    if text.startswith(("/", ".", "~")) or text.endswith(".gguf"):
-        raise SourceError(f"model path {text!r} does not exist")
     match = _HF_REPO.match(text)
+    # A missing "dir/model.gguf" is a path typo, but "owner/name:model.gguf" names a repo file.
+    if text.startswith(("/", ".", "~")) or (text.endswith(".gguf") and not (match and match[2])):
+        raise SourceError(f"model path {text!r} does not exist")
     if match is None:
         raise SourceError(f"{text!r} is neither an existing path nor a Hugging Face repo id "
                           "(owner/name, optionally owner/name:file.gguf)")
@@ -74,60 +80,75 @@ def fetch_source(source: dict[str, Any], cache_dir: Path) -> Path:
 
 
 def _fetch_huggingface(source: dict[str, Any], cache_dir: Path) -> Path:
-    try:
-        import huggingface_hub
-        from huggingface_hub.utils import HfHubHTTPError
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise SourceError(f"huggingface_hub is not installed: {exc}") from None
+    import huggingface_hub
+
     repo, wanted, revision = source["repo"], source.get("file"), source.get("revision", "main")
-    try:
+    with _hub_errors(repo, "downloading"):
+        files = huggingface_hub.list_repo_files(repo, revision=revision)
+        wanted = wanted or _pick_gguf(repo, files)
         if wanted is None:
-            files = huggingface_hub.list_repo_files(repo, revision=revision)
-            wanted = _pick_gguf(repo, files)
-        if wanted is not None:
-            return Path(huggingface_hub.hf_hub_download(
-                repo, wanted, revision=revision, cache_dir=str(cache_dir)))
-        return Path(huggingface_hub.snapshot_download(
-            repo, revision=revision, cache_dir=str(cache_dir),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
-    except HfHubHTTPError as exc:
-        raise SourceError(f"Hugging Face refused {repo}: {exc}") from None
-    except OSError as exc:  # no network, DNS, disk full ...
-        raise SourceError(f"could not download {repo} from Hugging Face: {exc}") from None
+            return Path(huggingface_hub.snapshot_download(
+                repo, revision=revision, cache_dir=str(cache_dir),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
+        # A split GGUF is several shards in one folder; llama.cpp opens the first.
+        paths = [huggingface_hub.hf_hub_download(repo, name, revision=revision,
+                                                 cache_dir=str(cache_dir))
+                 for name in _gguf_shards(wanted, files)]
+        return Path(paths[0])
 
 
 def _pick_gguf(repo: str, files: list[str]) -> str | None:
-    """The repo's GGUF file if there is exactly one; None for a safetensors repo."""
-    ggufs = [f for f in files if f.endswith(".gguf")]
-    if not ggufs:
+    """The repo's one GGUF model (first shard if split); None for a safetensors repo.
+
+    Vision projectors (mmproj*.gguf) are not models; shards of one split model count once.
+    """
+    models = sorted({_SHARD.sub("-00001-of-\\1.gguf", f) for f in files
+                     if f.endswith(".gguf") and not Path(f).name.lower().startswith("mmproj")})
+    if not models:
         return None
-    if len(ggufs) == 1:
-        return ggufs[0]
-    raise SourceError(f"{repo} has {len(ggufs)} GGUF files; name one as {repo}:FILE "
-                      f"(for example {repo}:{ggufs[0]})")
+    if len(models) == 1:
+        return models[0]
+    raise SourceError(f"{repo} has {len(models)} GGUF models; name one as {repo}:FILE "
+                      f"(for example {repo}:{models[0]})")
+
+
+def _gguf_shards(wanted: str, files: list[str]) -> list[str]:
+    """`wanted` alone, or every shard of its split model in order."""
+    if not _SHARD.search(wanted):
+        return [wanted]
+    prefix = _SHARD.sub("", wanted)
+    return sorted(f for f in files if _SHARD.search(f) and _SHARD.sub("", f) == prefix)
+
+
+@contextmanager
+def _hub_errors(repo: str, doing: str) -> Iterator[None]:
+    """Turn every failure of the hub client into a SourceError that says what failed.
+
+    The client's error classes change between huggingface_hub versions (requests, httpx,
+    httpx2 underneath), and none of them may reach the API as a 500: this boundary converts
+    them all, keeping the type and message, and lets our own SourceError through.
+    """
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - converted, never swallowed
+        raise SourceError(f"{doing} {repo} from Hugging Face failed: "
+                          f"{type(exc).__name__}: {exc}") from None
 
 
 def remote_size_bytes(source: dict[str, Any]) -> int:
     """Blocking: the bytes a Hugging Face source will download (for the scheduler's estimate
     before any download). Raises SourceError when the hub cannot be asked."""
-    try:
-        import huggingface_hub
-        from huggingface_hub.utils import HfHubHTTPError
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise SourceError(f"huggingface_hub is not installed: {exc}") from None
-    try:
+    import huggingface_hub
+
+    with _hub_errors(source["repo"], "looking up"):
         info = huggingface_hub.HfApi().model_info(
             source["repo"], revision=source.get("revision", "main"), files_metadata=True)
-    except HfHubHTTPError as exc:
-        raise SourceError(f"Hugging Face refused {source['repo']}: {exc}") from None
-    except OSError as exc:
-        raise SourceError(f"could not reach Hugging Face for {source['repo']}: {exc}") from None
-    siblings = info.siblings or []
-    names = [s.rfilename for s in siblings]
-    wanted = source.get("file") or _pick_gguf(source["repo"], names)
-    if wanted is not None:
-        sizes = [s.size or 0 for s in siblings if s.rfilename == wanted]
-        if not sizes:
-            raise SourceError(f"{source['repo']} has no file {wanted!r}")
-        return sizes[0]
-    return sum(s.size or 0 for s in siblings if s.rfilename.endswith(".safetensors"))
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    wanted = source.get("file") or _pick_gguf(source["repo"], list(sizes))
+    if wanted is None:
+        return sum(size for name, size in sizes.items() if name.endswith(".safetensors"))
+    if wanted not in sizes:
+        raise SourceError(f"{source['repo']} has no file {wanted!r}")
+    return sum(sizes[name] for name in _gguf_shards(wanted, list(sizes)))
