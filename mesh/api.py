@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gpumesh import __version__
 from .auth import ADMIN, hash_key, key_from_request, openai_error
-from .deployments import DeploymentError, build_model_record
+from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
@@ -122,10 +122,10 @@ class ManagementApi:
         if set(body) != {"replicas"}:
             return openai_error(400, "only 'replicas' can be changed; delete and deploy again "
                                 "to change anything else", param=",".join(sorted(body)))
-        replicas = body["replicas"]
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
-            return openai_error(400, "replicas must be a whole number from 0 to 64",
-                                param="replicas")
+        try:
+            replicas = validate_replicas(body["replicas"])
+        except DeploymentError as exc:
+            return openai_error(400, str(exc), param=exc.param)
         name = request.match_info["name"]
         result = await self._submit({"op": "update_model", "name": name,
                                      "changes": {"replicas": replicas}})

@@ -12,13 +12,14 @@ a closed store), and the HTTP site stops first of all (no new requests while dra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -227,22 +228,16 @@ class Daemon:
             self.agent.kill_now()
 
 
-class _owned_task:
-    """`async with _owned_task(coro, name)`: the task lives exactly as long as the block."""
-
-    def __init__(self, coro, name: str) -> None:
-        self._coro, self._name = coro, name
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> asyncio.Task:
-        self._task = asyncio.create_task(self._coro, name=self._name)
-        self._task.add_done_callback(_log_crash)
-        return self._task
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+@contextlib.asynccontextmanager
+async def _owned_task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """The task lives exactly as long as the `async with` block that owns it."""
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_log_crash)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _log_crash(task: asyncio.Task) -> None:

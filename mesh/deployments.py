@@ -19,7 +19,7 @@ from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_b
 from . import modelfiles
 from .sources import SourceError, parse_source, remote_size_bytes
 
-__all__ = ["DeploymentError", "build_model_record", "MAX_REPLICAS"]
+__all__ = ["DeploymentError", "MAX_REPLICAS", "build_model_record", "validate_replicas"]
 
 MAX_REPLICAS = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -39,7 +39,7 @@ class DeploymentError(ValueError):
 def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     """Blocking. Validate a deploy request and return the model record to replicate."""
     name = _name(spec.get("name"))
-    replicas = _replicas(spec.get("replicas", 1))
+    replicas = validate_replicas(spec.get("replicas", 1))
     context_length = _optional_positive_int(spec.get("context_length"), "context_length")
     args = _args(spec.get("args", []))
     try:
@@ -107,7 +107,7 @@ def _name(value: Any) -> str:
     return value
 
 
-def _replicas(value: Any) -> int:
+def validate_replicas(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLICAS:
         raise DeploymentError(f"replicas must be a whole number from 0 to {MAX_REPLICAS}",
                               "replicas")

@@ -24,7 +24,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
@@ -111,7 +111,7 @@ class StateView:
 class _ReplicatedDocument(SyncObjConsumer):
     """The replicated collections. pysyncobj snapshots every attribute set after __init__."""
 
-    def __init__(self, on_applied: "callable[[], None]") -> None:  # type: ignore[valid-type]
+    def __init__(self, on_applied: Callable[[], None]) -> None:
         self._on_applied = on_applied   # set before super().__init__: not part of snapshots
         super().__init__()
         self.state: State = empty_state()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import time
 from pathlib import Path
@@ -134,6 +135,44 @@ def test_deploy_refusals_say_why_and_lose_nothing(daemon: Daemon, tiny_model: Pa
     assert removed.returncode == 0
     # Nothing stored before was lost, and it still answers.
     assert daemon.wait_model("tiny")["ready_replicas"] == 1
+    reply = client(daemon).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
+                                                   extra_body={"grammar": GRAMMAR})
+    assert reply.choices[0].message.content == "hello there"
+
+
+def test_scale_up_down_and_503_while_nothing_runs(daemon: Daemon) -> None:
+    up = daemon.cli("scale", "tiny", "2", "--wait", "--timeout", "60")
+    assert up.returncode == 0, up.stderr
+    assert "2/2 replica(s) ready" in up.stdout
+    model = daemon.wait_model("tiny")
+    assert len({i["port"] for i in model["instances"]}) == 2
+
+    assert daemon.cli("scale", "tiny", "0", "--wait").returncode == 0
+    assert daemon.wait_model("tiny", status="stopped")["instances"] == []
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        client(daemon).chat.completions.create(model="tiny", messages=CHAT)
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.response.headers["Retry-After"] == "5"
+    assert "no running instance" in unavailable.value.message
+
+    bad = daemon.cli("scale", "tiny", "-1")
+    assert bad.returncode == 1 and "replicas must be" in bad.stderr
+    assert daemon.cli("scale", "tiny", "1", "--wait").returncode == 0
+
+
+def test_a_crashed_engine_is_restarted_and_serves_again(daemon: Daemon) -> None:
+    before = daemon.wait_model("tiny")["instances"][0]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    after = before
+    while time.monotonic() < deadline:
+        after = daemon.wait_model("tiny")["instances"][0]
+        if after["pid"] != before["pid"]:
+            break
+        time.sleep(0.1)
+    assert after["id"] == before["id"] and after["pid"] != before["pid"]
+    assert after["restarts"] >= 1 and after["state"] == "running"
+    assert "exited with status" in daemon.output()           # the reason was logged
     reply = client(daemon).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
                                                    extra_body={"grammar": GRAMMAR})
     assert reply.choices[0].message.content == "hello there"

@@ -12,15 +12,14 @@ degrees Celsius, power in watts, activity in percent.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .cpu import CpuProbe
-from .types import GpuDevice, NodeInventory, Probe, ProbeError, ProbeUnavailable
+from .types import GpuDevice, ProbeError, ProbeUnavailable
+from .vendor import OpenedDevice, VendorProbe
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -99,15 +98,7 @@ def _import_amdsmi() -> ModuleType:
     return amdsmi
 
 
-@dataclasses.dataclass(slots=True)
-class _Device:
-    index: int
-    handle: Any
-    name: str
-    uuid: str
-
-
-class AmdProbe(Probe):
+class AmdProbe(VendorProbe):
     """AMD GPUs through AMD SMI, plus the CPU probe's cores and memory.
 
     Raises :class:`ProbeUnavailable` with a one-line reason when amdsmi is missing or cannot
@@ -115,6 +106,7 @@ class AmdProbe(Probe):
     """
 
     name = "amd"
+    label = "AMD"
 
     def __init__(self, *, cpu: CpuProbe | None = None) -> None:
         amdsmi = _import_amdsmi()
@@ -124,26 +116,16 @@ class AmdProbe(Probe):
             raise ProbeUnavailable(f"amdsmi_init failed: {_error_text(exc)}") from exc
 
         self._amdsmi = amdsmi
-        self._lock = threading.Lock()
-        self._closed = False
-        self._cpu = cpu if cpu is not None else CpuProbe()
-        try:
-            self._devices = self._open_devices()
-        except BaseException:
-            self._shutdown()
-            raise
+        self._open(cpu)
 
-    @property
-    def device_count(self) -> int:
-        return len(self._devices)
 
-    def _open_devices(self) -> list[_Device]:
+    def _open_devices(self) -> list[OpenedDevice]:
         amdsmi = self._amdsmi
         try:
             handles = amdsmi.amdsmi_get_processor_handles()
         except amdsmi.AmdSmiException as exc:
             raise ProbeUnavailable(f"AMD SMI could not list the GPUs: {_error_text(exc)}") from exc
-        devices: list[_Device] = []
+        devices: list[OpenedDevice] = []
         for index, handle in enumerate(handles):
             try:
                 uuid = str(amdsmi.amdsmi_get_gpu_device_uuid(handle))
@@ -155,20 +137,13 @@ class AmdProbe(Probe):
             name = asic.get("market_name")
             if not name or name == "N/A":
                 name = "AMD GPU"
-            devices.append(_Device(index, handle, str(name), uuid))
+            devices.append(OpenedDevice(index, handle, str(name), uuid))
         if not devices:
             reason = "AMD SMI found no AMD GPU" if not handles else "no AMD GPU answered AMD SMI"
             raise ProbeUnavailable(reason)
         return devices
 
-    def inventory(self) -> NodeInventory:
-        with self._lock:
-            if self._closed:
-                raise ProbeError("the AMD probe is closed")
-            gpus = tuple(self._read(device) for device in self._devices)
-        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
-
-    def _read(self, device: _Device) -> GpuDevice:
+    def _read(self, device: OpenedDevice) -> GpuDevice:
         amdsmi = self._amdsmi
         try:
             total, used = self._memory(device.handle)
@@ -234,14 +209,6 @@ class AmdProbe(Probe):
             if reading is not None and reading > 0:
                 return reading
         return None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._shutdown()
-        self._cpu.close()
 
     def _shutdown(self) -> None:
         try:

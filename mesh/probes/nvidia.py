@@ -9,14 +9,13 @@ PCI bus id, as ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` does; the node agent sets that f
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .cpu import CpuProbe
-from .types import GpuDevice, NodeInventory, Probe, ProbeError, ProbeUnavailable
+from .types import GpuDevice, ProbeError, ProbeUnavailable
+from .vendor import OpenedDevice, VendorProbe
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -83,15 +82,7 @@ def _init_failure_reason(pynvml: ModuleType, exc: Exception) -> str:
     return reasons.get(code, f"nvmlInit failed: {exc}")
 
 
-@dataclasses.dataclass(slots=True)
-class _Device:
-    index: int
-    handle: Any
-    name: str
-    uuid: str
-
-
-class NvidiaProbe(Probe):
+class NvidiaProbe(VendorProbe):
     """NVIDIA GPUs through NVML, plus the CPU probe's cores and memory.
 
     Raises :class:`ProbeUnavailable` with a one-line reason when nvidia-ml-py is missing,
@@ -99,6 +90,7 @@ class NvidiaProbe(Probe):
     """
 
     name = "nvidia"
+    label = "NVIDIA"
 
     def __init__(self, *, cpu: CpuProbe | None = None) -> None:
         try:
@@ -113,28 +105,16 @@ class NvidiaProbe(Probe):
             raise ProbeUnavailable(_init_failure_reason(pynvml, exc)) from exc
 
         self._nvml = pynvml
-        self._lock = threading.Lock()
-        self._closed = False
-        self._cpu = cpu if cpu is not None else CpuProbe()
         self._warned_memory: set[int] = set()
-        try:
-            self._devices = self._open_devices()
-            self._temperature_call = self._pick_temperature_call()
-        except BaseException:
-            self._shutdown()
-            raise
+        self._open(cpu)
 
-    @property
-    def device_count(self) -> int:
-        return len(self._devices)
-
-    def _open_devices(self) -> list[_Device]:
+    def _open_devices(self) -> list[OpenedDevice]:
         nvml = self._nvml
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as exc:
             raise ProbeUnavailable(f"NVML could not count the GPUs: {exc}") from exc
-        devices: list[_Device] = []
+        devices: list[OpenedDevice] = []
         for index in range(count):
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -145,20 +125,14 @@ class NvidiaProbe(Probe):
                 log.warning("NVIDIA GPU %d is left out of the inventory: %s", index, exc)
                 continue
             name = nvml_query(nvml.nvmlDeviceGetName, handle)
-            devices.append(_Device(index, handle, _text(name) if name else "NVIDIA GPU", uuid))
+            devices.append(OpenedDevice(index, handle, _text(name) if name else "NVIDIA GPU", uuid))
         if not devices:
             reason = "NVML found no NVIDIA GPU" if count == 0 else "no NVIDIA GPU answered NVML"
             raise ProbeUnavailable(reason)
+        self._temperature_call = self._pick_temperature_call(devices[0])
         return devices
 
-    def inventory(self) -> NodeInventory:
-        with self._lock:
-            if self._closed:
-                raise ProbeError("the NVIDIA probe is closed")
-            gpus = tuple(self._read(device) for device in self._devices)
-        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
-
-    def _read(self, device: _Device) -> GpuDevice:
+    def _read(self, device: OpenedDevice) -> GpuDevice:
         nvml = self._nvml
         handle = device.handle
         try:
@@ -196,7 +170,7 @@ class NvidiaProbe(Probe):
             power_w=None if power_mw is None else power_mw / 1000.0,
         )
 
-    def _pick_temperature_call(self) -> Callable[[Any, int], int]:
+    def _pick_temperature_call(self, first: OpenedDevice) -> Callable[[Any, int], int]:
         """nvmlDeviceGetTemperature is deprecated for the versioned call, which older drivers
         lack (or know in an older struct version): use the new one where the driver takes
         it, found once at start on the first GPU."""
@@ -206,20 +180,12 @@ class NvidiaProbe(Probe):
         if versioned is None or legacy is None:
             return versioned or legacy
         try:
-            versioned(self._devices[0].handle, nvml.NVML_TEMPERATURE_GPU)
+            versioned(first.handle, nvml.NVML_TEMPERATURE_GPU)
         except nvml.NVMLError as exc:
             too_new = {nvml.NVML_ERROR_FUNCTION_NOT_FOUND, getattr(nvml, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", -1)}
             if exc.value in too_new:
                 return legacy
         return versioned
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._shutdown()
-        self._cpu.close()
 
     def _shutdown(self) -> None:
         try:

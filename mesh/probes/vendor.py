@@ -1,0 +1,72 @@
+"""What the NVIDIA and AMD probes share: opened devices, one lock, the CPU figures merged in.
+
+A vendor probe opens its library, lists its devices once (`_open_devices`), reads them on
+each `inventory()` (`_read`), and closes the library once (`_shutdown`). The lock keeps a
+close from racing a read on the polling thread; a failed open undoes the library's init.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from typing import Any
+
+from .cpu import CpuProbe
+from .types import GpuDevice, NodeInventory, Probe, ProbeError
+
+__all__ = ["OpenedDevice", "VendorProbe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedDevice:
+    index: int
+    handle: Any
+    name: str
+    uuid: str
+
+
+class VendorProbe(Probe):
+    label: str = ""   # "NVIDIA", "AMD": for messages
+
+    def _open(self, cpu: CpuProbe | None) -> None:
+        """Call once the vendor library is initialised; undoes that init if listing fails."""
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cpu = cpu if cpu is not None else CpuProbe()
+        try:
+            self._devices = self._open_devices()
+        except BaseException:
+            self._shutdown()
+            raise
+
+    @property
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def inventory(self) -> NodeInventory:
+        with self._lock:
+            if self._closed:
+                raise ProbeError(f"the {self.label} probe is closed")
+            gpus = tuple(self._read(device) for device in self._devices)
+        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shutdown()
+        self._cpu.close()
+
+    @abc.abstractmethod
+    def _open_devices(self) -> list[OpenedDevice]:
+        """List the devices once; raise ProbeUnavailable if none can be used."""
+
+    @abc.abstractmethod
+    def _read(self, device: OpenedDevice) -> GpuDevice:
+        """One reading of one device; raise ProbeError for fatal errors."""
+
+    @abc.abstractmethod
+    def _shutdown(self) -> None:
+        """Release the vendor library (errors are logged, not raised)."""
