@@ -15,7 +15,8 @@ from typing import Any, Callable
 from aiohttp import web
 
 from gpumesh import __version__
-from .auth import ADMIN, hash_key, key_from_request, openai_error
+from .auth import ADMIN, hash_key, key_from_request
+from .errors import openai_error
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 

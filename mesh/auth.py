@@ -1,4 +1,4 @@
-"""API keys and OpenAI-style errors, shared by the gateway (/v1) and the management API (/api).
+"""API keys, shared by the gateway (/v1) and the management API (/api).
 
 Keys look like `gm-<id>-<secret>`: the id lets people name a key (`gpumesh keys rm ID`)
 without holding it, and the secret carries 256 bits. Only the SHA-256 of the whole key is
@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["new_api_key", "hash_key", "key_from_request", "openai_error", "ADMIN", "USER"]
+__all__ = ["ADMIN", "USER", "hash_key", "key_from_request", "new_api_key"]
 
 ADMIN = "admin"
 USER = "user"
@@ -41,11 +41,3 @@ def key_from_request(request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return request.headers.get("X-API-Key") or None
-
-
-def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:
-    """An error body shaped as OpenAI's, so official clients raise their usual exceptions."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)

@@ -32,6 +32,7 @@ from .api import ManagementApi
 from .auth import ADMIN, new_api_key
 from .config import Config
 from .datadir import DataDir
+from .errors import error_middleware
 from .events import log_state_changes
 from .gateway import Gateway
 from .probes import Probe, ProbeUnavailable, open_probe
@@ -111,7 +112,8 @@ class Daemon:
     def build_app(self) -> web.Application:
         assert self.session is not None
         api = ManagementApi(self.store, self.node_id, self.started, _describe_backends)
-        app = web.Application(middlewares=[api.require_admin], client_max_size=16 << 20)
+        app = web.Application(middlewares=[error_middleware, api.require_admin],
+                              client_max_size=16 << 20)
         api.add_routes(app)
         Gateway(self.store, self.node_id, self.session).add_routes(app)
         app.cleanup_ctx.extend([

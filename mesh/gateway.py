@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .auth import hash_key, key_from_request, openai_error
+from .auth import hash_key, key_from_request
+from .errors import openai_error
 from .state import ClusterStore
 
 __all__ = ["Gateway"]

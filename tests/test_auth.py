@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gpumesh.mesh.auth import ADMIN, USER, hash_key, key_from_request, new_api_key, openai_error
+from gpumesh.mesh.auth import ADMIN, USER, hash_key, key_from_request, new_api_key
 
 KEY_RE = re.compile(r"^gm-([0-9a-f]{8})-([A-Za-z0-9_-]{43})$")
 
@@ -112,36 +112,3 @@ def test_unusable_authorization_falls_back_to_x_api_key(authorization):
 
 def test_empty_x_api_key_is_none():
     assert key_from_request(_request({"X-API-Key": ""})) is None
-
-
-# --- openai_error ----------------------------------------------------------------------------
-
-def _body(response: web.Response) -> dict:
-    return json.loads(response.body)
-
-
-def test_openai_error_defaults():
-    response = openai_error(400, "bad input")
-    assert response.status == 400
-    assert response.content_type == "application/json"
-    assert _body(response) == {"error": {"message": "bad input",
-                                         "type": "invalid_request_error",
-                                         "param": None, "code": None}}
-
-
-def test_openai_error_all_fields_and_headers():
-    response = openai_error(401, "invalid API key", type_="authentication_error",
-                            code="invalid_api_key", param="authorization",
-                            headers={"WWW-Authenticate": "Bearer"})
-    assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
-    assert _body(response) == {"error": {"message": "invalid API key",
-                                         "type": "authentication_error",
-                                         "param": "authorization",
-                                         "code": "invalid_api_key"}}
-
-
-def test_openai_error_body_has_only_the_error_object():
-    body = _body(openai_error(404, "no model named x", code="model_not_found"))
-    assert list(body) == ["error"]
-    assert set(body["error"]) == {"message", "type", "param", "code"}
