@@ -61,18 +61,24 @@ class Backend(abc.ABC):
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         """The process that serves `request`; raises BackendUnavailable if it cannot."""
 
+    def usable_gpu_vendors(self) -> frozenset[str]:
+        """The GPU vendors this *installation* can drive: a CPU-only build drives none.
+
+        Blocking (it may ask the engine itself); the daemon calls it once at start-up.
+        """
+        return self.gpu_vendors
+
     def describe(self) -> dict[str, object]:
-        """Plain-data summary for the API and CLI (`gpumesh backends`)."""
-        try:
-            version, problem = self.version(), None
-        except BackendUnavailable as exc:
-            version, problem = None, str(exc)
-        return {
+        """What this node's installation offers, as plain data for the node record, the API
+        and the CLI (`gpumesh backends`). Blocking; call once, off the event loop."""
+        summary: dict[str, object] = {
             "name": self.name,
-            "version": version,
-            "available": problem is None,
-            "problem": problem,
             "model_formats": sorted(self.model_formats),
-            "gpu_vendors": sorted(self.gpu_vendors),
             "runs_on_cpu": self.runs_on_cpu,
         }
+        try:
+            summary.update(version=self.version(), gpu_vendors=sorted(self.usable_gpu_vendors()),
+                           available=True, problem=None)
+        except BackendUnavailable as exc:
+            summary.update(version=None, gpu_vendors=[], available=False, problem=str(exc))
+        return summary

@@ -30,6 +30,11 @@ RUNNER_MODULE = "gpumesh.backends.llama_cpp_runner"
 _ALL_LAYERS = "999"          # llama.cpp clamps to the model's layer count: offload everything
 _VERSION_TIMEOUT_S = 10
 _VISIBLE_DEVICES = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
+# `--list-devices` prints "  CUDA0: NVIDIA H200 (143771 MiB, 143156 MiB free)" per device;
+# the name's prefix is the ggml backend, which says whose GPUs the build drives.
+_DEVICE_LINE = re.compile(r"^\s+([A-Za-z]+)\d*:\s", re.MULTILINE)
+_GGML_BACKEND_VENDOR = {"CUDA": "nvidia", "ROCm": "amd", "HIP": "amd"}
+_LIST_DEVICES_TIMEOUT_S = 60   # the first CUDA initialisation can take tens of seconds
 
 
 class LlamaCppBackend(Backend):
@@ -69,6 +74,20 @@ class LlamaCppBackend(Backend):
             prefix = [binary]
         model_file = resolve_model_file(request.model_path)
         return LaunchSpec(argv=tuple(prefix + _server_args(request, model_file)), env=self._gpu_env(request))
+
+    def usable_gpu_vendors(self) -> frozenset[str]:
+        """Ask the engine which devices its build sees (`--list-devices`): the PyPI xllamacpp
+        wheel is CPU-only, and placing a model "on a GPU" it cannot use would be a lie."""
+        binary = self.server_binary()
+        argv = [binary] if binary else [sys.executable, "-m", RUNNER_MODULE]
+        try:
+            done = subprocess.run(argv + ["--list-devices"], capture_output=True, text=True,
+                                  timeout=_LIST_DEVICES_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailable(f"{argv[-1]} --list-devices failed: {exc}") from exc
+        backends = _DEVICE_LINE.findall(done.stdout + done.stderr)
+        return frozenset(_GGML_BACKEND_VENDOR[b] for b in backends
+                         if b in _GGML_BACKEND_VENDOR) & self.gpu_vendors
 
     def describe(self) -> dict[str, object]:
         summary = super().describe()

@@ -47,6 +47,8 @@ _POOLING = ("none", "mean", "cls", "last", "rank")
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--list-devices" in (sys.argv[1:] if argv is None else argv):
+        return _list_devices()
     args = _parser().parse_args(argv)
     parent_pid = os.getppid()
     request_parent_death_signal(signal.SIGTERM)
@@ -66,6 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     _arm_forced_exit()
     del server   # the only reference: the engine's destructor stops HTTP and joins its loop
     signal.alarm(0)
+    return 0
+
+
+def _list_devices() -> int:
+    """Print the devices this xllamacpp build can use, as `llama-server --list-devices` does
+    (the CPU is not listed), so the backend reads both engines with one parser."""
+    import xllamacpp
+
+    print("Available devices:")
+    for device in xllamacpp.get_device_info():
+        if device["type"] != xllamacpp.ggml_backend_dev_type.GGML_BACKEND_DEVICE_TYPE_CPU:
+            print(f"  {device['name']}: {device['description']} "
+                  f"({device['memory_total'] >> 20} MiB, {device['memory_free'] >> 20} MiB free)")
     return 0
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from gpumesh.backends.base import Backend
 from gpumesh.backends.llama_cpp import LlamaCppBackend
 
-__all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default_backend_for", "get_backend"]
+__all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default_backend_for",
+           "describe_backends", "get_backend"]
 
 # In order of preference for default_backend_for.
 _BACKENDS: tuple[type[Backend], ...] = (
@@ -32,6 +33,12 @@ class UnsupportedModelFormat(ValueError):
 def backend_names() -> list[str]:
     """Names of the registered backends, in order of preference."""
     return [cls.name for cls in _BACKENDS]
+
+
+def describe_backends() -> list[dict[str, object]]:
+    """Every registered backend as this node's installation offers it. Blocking: each may
+    ask its engine for its devices; the daemon calls this once at start-up."""
+    return [cls().describe() for cls in _BACKENDS]
 
 
 def get_backend(name: str) -> Backend:

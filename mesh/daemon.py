@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from gpumesh import __version__
-from gpumesh.backends.registry import backend_names, get_backend
+from gpumesh.backends.registry import describe_backends
 
 from .agent import NodeAgent
 from .api import ManagementApi
@@ -66,6 +66,7 @@ class Daemon:
             snapshot_file=data.snapshot_file, secret=data.cluster_secret(),
             bind_host=config.host)
         self.probe: Probe | None = None
+        self.backends: list[dict[str, object]] = []   # this node's engines, described once
         self.session: aiohttp.ClientSession | None = None
         self.agent: NodeAgent | None = None
         self._stop = asyncio.Event()
@@ -111,7 +112,7 @@ class Daemon:
 
     def build_app(self) -> web.Application:
         assert self.session is not None
-        api = ManagementApi(self.store, self.node_id, self.started, _describe_backends)
+        api = ManagementApi(self.store, self.node_id, self.started, lambda: self.backends)
         app = web.Application(middlewares=[error_middleware, api.require_admin],
                               client_max_size=16 << 20)
         api.add_routes(app)
@@ -125,7 +126,10 @@ class Daemon:
     # --- the parts, in start-up order ------------------------------------------------------
 
     async def _probe_part(self, app: web.Application) -> AsyncIterator[None]:
-        self.probe = await asyncio.to_thread(open_probe, self.config.gpu_probe)
+        """What this machine has: GPUs (or none), and what each engine installed here can use."""
+        self.probe, self.backends = await asyncio.gather(
+            asyncio.to_thread(open_probe, self.config.gpu_probe),
+            asyncio.to_thread(describe_backends))
         yield
         await asyncio.to_thread(self.probe.close)
 
@@ -188,7 +192,10 @@ class Daemon:
         node = {"id": self.node_id, "name": self.config.node_name, "status": status,
                 "api_url": self.config.api_url, "raft_address": self.config.raft_address,
                 "version": __version__, "inventory": inventory.to_dict(),
-                "backends": _available_backends(), "updated": time.time()}
+                "backends": {b["name"]: {"version": b["version"], "runs_on_cpu": b["runs_on_cpu"],
+                                         "gpu_vendors": b["gpu_vendors"]}
+                             for b in self.backends if b["available"]},
+                "updated": time.time()}
         await self.store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
 
     def _announce(self) -> None:
@@ -207,7 +214,7 @@ class Daemon:
               f"  resources    {inv['cpu_cores']} CPU cores, "
               f"{format_bytes(inv['memory_total_bytes'])} RAM, GPUs: {gpus} "
               f"(probe: {inv['probe']})\n"
-              f"  backends     {', '.join(node['backends']) or 'none available'}\n"
+              f"  backends     {_backend_summary(self.backends)}\n"
               f"  Press Ctrl-C to stop.", flush=True)
 
     # --- signals (uvicorn's way: handlers only set flags) ----------------------------------
@@ -247,12 +254,16 @@ def _log_crash(task: asyncio.Task) -> None:
         log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
 
 
-def _available_backends() -> list[str]:
-    return [b["name"] for b in _describe_backends() if b["available"]]
-
-
-def _describe_backends() -> list[dict[str, object]]:
-    return [get_backend(name).describe() for name in backend_names()]
+def _backend_summary(backends: list[dict[str, object]]) -> str:
+    """"llama.cpp 0.2 (cpu)" per engine, or why it is unavailable, for the start-up banner."""
+    parts = []
+    for b in backends:
+        if b["available"]:
+            devices = (["cpu"] if b["runs_on_cpu"] else []) + list(b["gpu_vendors"])  # type: ignore[arg-type]
+            parts.append(f"{b['name']} {b['version']} ({', '.join(devices)})")
+        else:
+            parts.append(f"{b['name']} unavailable: {b['problem']}")
+    return "; ".join(parts) or "none"
 
 
 def _port_problem(host: str, port: int) -> str | None:

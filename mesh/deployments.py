@@ -53,8 +53,6 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
         "source": source,
         "format": model_format,
         "backend": backend.name,
-        "backend_traits": {"runs_on_cpu": backend.runs_on_cpu,
-                           "gpu_vendors": sorted(backend.gpu_vendors)},
         "replicas": replicas,
         "context_length": context_length,
         "args": args,

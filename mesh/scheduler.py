@@ -3,10 +3,11 @@
 Pure functions of the replicated state, so every decision can be unit-tested and explained:
 
 * A model carries its memory estimate (`model["estimate"]["total_bytes"]`, from
-  `modelfiles.estimate_memory` at deploy time) and its backend's traits (`model["backend"]`,
-  and the backend's CPU/GPU abilities copied into `model["backend_traits"]`).
-* A node carries its inventory (`node["inventory"]`: cores, memory, GPUs) and the backends
-  it can run (`node["backends"]`).
+  `modelfiles.estimate_memory` at deploy time) and its backend's name (`model["backend"]`).
+* A node carries its inventory (`node["inventory"]`: cores, memory, GPUs) and what its own
+  installation of each backend can do (`node["backends"][name]`: `runs_on_cpu`,
+  `gpu_vendors`), because builds differ between machines (a CPU-only llama.cpp wheel on a
+  GPU node must not be handed the GPU).
 * Memory already promised to instances is the sum of their `allocation`; what a device can
   still take is its capacity, less that, less a reserve (RAM: `reserved_memory_bytes`; VRAM:
   `1 - gpu_memory_fraction`), so two instances never count on the same bytes.
@@ -82,9 +83,9 @@ class Scheduler:
         if node.get("status") != "ready":
             return [], f"node is {node.get('status', 'unknown')}"
         backend = model["backend"]
-        if backend not in node.get("backends", []):
+        traits = node.get("backends", {}).get(backend)
+        if traits is None:
             return [], f"backend {backend} is not available there"
-        traits = model["backend_traits"]
         here = [i for i in instances if i["node_id"] == node["id"]]
         replicas_here = sum(1 for i in here if i["model"] == model["name"])
         found: list[_Candidate] = []

@@ -53,11 +53,15 @@ def no_binary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(empty))
 
 
-def _fake_llama_server(directory: Path) -> Path:
-    """An executable that answers `--version` as llama-server does (on stderr)."""
+def _fake_llama_server(directory: Path, devices: str = "Available devices:\n") -> Path:
+    """An executable that answers `--version` (on stderr) and `--list-devices` (on stdout)
+    as llama-server does."""
     directory.mkdir(exist_ok=True)
     binary = directory / "llama-server"
-    binary.write_text('#!/bin/sh\necho "version: 6496 (2a1a5c33)" >&2\necho "built with cc" >&2\n')
+    binary.write_text('#!/bin/sh\n'
+                      'if [ "$1" = "--list-devices" ]; then printf "$DEVICES"; exit 0; fi\n'
+                      'echo "version: 6496 (2a1a5c33)" >&2\necho "built with cc" >&2\n'
+                      .replace("$DEVICES", devices.replace("\n", "\\n")))
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
     return binary
 
@@ -181,7 +185,25 @@ def test_version_comes_from_xllamacpp_without_a_binary(no_binary: None) -> None:
     assert backend.version() == importlib.metadata.version("xllamacpp")
     summary = backend.describe()
     assert summary["available"] is True and summary["runs_on_cpu"] is True
-    assert summary["model_formats"] == ["gguf"] and summary["gpu_vendors"] == ["amd", "nvidia"]
+    # The PyPI wheel is a CPU build: it must not claim GPUs it cannot drive.
+    assert summary["model_formats"] == ["gguf"] and summary["gpu_vendors"] == []
+    assert backend.usable_gpu_vendors() == frozenset()
+
+
+def test_gpu_vendors_come_from_the_binarys_device_list(no_binary: None, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `llama-server --list-devices` prints on a CUDA + HIP build (one line per device).
+    binary = _fake_llama_server(tmp_path / "bin", devices=(
+        "Available devices:\n"
+        "  CUDA0: NVIDIA H200 (143771 MiB, 143156 MiB free)\n"
+        "  ROCm0: AMD Instinct MI300X (196592 MiB, 196000 MiB free)\n"
+        "  Vulkan0: llvmpipe (32000 MiB, 32000 MiB free)\n"))
+    monkeypatch.setenv("PATH", str(binary.parent))
+    assert LlamaCppBackend().usable_gpu_vendors() == frozenset({"nvidia", "amd"})
+
+    cpu_build = _fake_llama_server(tmp_path / "cpu", devices="Available devices:\n")
+    monkeypatch.setenv("PATH", str(cpu_build.parent))
+    assert LlamaCppBackend().describe()["gpu_vendors"] == []
 
 
 def test_unavailable_when_no_engine_is_installed(tiny_gguf: Path, no_binary: None,

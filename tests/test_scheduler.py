@@ -18,23 +18,28 @@ def gpu(index: int, total: int, vendor: str = "nvidia", used: int = 0) -> dict:
             "memory_used_bytes": used, "utilization_percent": 0}
 
 
+# What each test backend's installation can do on a node (node["backends"][name]).
+CAPABILITIES = {
+    "llama.cpp": {"runs_on_cpu": True, "gpu_vendors": ["amd", "nvidia"]},
+    "vllm": {"runs_on_cpu": False, "gpu_vendors": ["nvidia"]},
+    "cpu-engine": {"runs_on_cpu": True, "gpu_vendors": []},
+}
+
+
 def node(node_id: str, *, ram: int = 16 * GiB, gpus: list[dict] | None = None,
          status: str = "ready", backends: list[str] | None = None, name: str | None = None) -> dict:
     return {
         "id": node_id,
         "name": name or f"host-{node_id}",
         "status": status,
-        "backends": ["llama.cpp"] if backends is None else backends,
+        "backends": {b: CAPABILITIES[b] for b in (backends or ["llama.cpp"])},
         "inventory": {"cpu_cores": 8, "memory_total_bytes": ram,
                       "memory_available_bytes": ram // 2, "gpus": gpus or []},
     }
 
 
-def model(name: str = "m1", size: int = 2 * GiB, *, backend: str = "llama.cpp",
-          runs_on_cpu: bool = True, gpu_vendors: tuple[str, ...] = ("amd", "nvidia")) -> dict:
-    return {"name": name, "backend": backend,
-            "backend_traits": {"runs_on_cpu": runs_on_cpu, "gpu_vendors": list(gpu_vendors)},
-            "estimate": {"total_bytes": size}}
+def model(name: str = "m1", size: int = 2 * GiB, *, backend: str = "llama.cpp") -> dict:
+    return {"name": name, "backend": backend, "estimate": {"total_bytes": size}}
 
 
 def instance(instance_id: str, model_name: str, node_id: str, placement: Placement) -> dict:
@@ -249,16 +254,15 @@ def test_backend_not_available_on_a_node():
 
 
 def test_cpu_only_backend_on_a_gpu_node_runs_on_cpu():
-    n = node("a", ram=16 * GiB, gpus=[gpu(0, 80 * GiB)])
-    m = model(size=2 * GiB, backend="cpu-engine", gpu_vendors=())
-    n["backends"] = ["cpu-engine"]
+    n = node("a", ram=16 * GiB, gpus=[gpu(0, 80 * GiB)], backends=["cpu-engine"])
+    m = model(size=2 * GiB, backend="cpu-engine")
     placement = plain().place(m, [n], [])
     assert placement == cpu_alloc("a", 2 * GiB)
 
 
 def test_cpu_only_backend_on_a_gpu_node_without_enough_ram_explains():
     n = node("a", ram=1 * GiB, gpus=[gpu(0, 80 * GiB)], backends=["cpu-engine"])
-    m = model(size=2 * GiB, backend="cpu-engine", gpu_vendors=())
+    m = model(size=2 * GiB, backend="cpu-engine")
     result = plain().place(m, [n], [])
     assert isinstance(result, Unschedulable)
     assert "cpu-engine cannot use nvidia GPUs" in result.reason
@@ -266,14 +270,14 @@ def test_cpu_only_backend_on_a_gpu_node_without_enough_ram_explains():
 
 
 def test_gpu_only_backend_on_a_cpu_only_node():
-    m = model(size=1 * GiB, backend="vllm", runs_on_cpu=False, gpu_vendors=("nvidia",))
+    m = model(size=1 * GiB, backend="vllm")
     result = plain().place(m, [node("a", ram=512 * GiB, backends=["vllm"])], [])
     assert isinstance(result, Unschedulable)
     assert "it has no GPU and vllm needs one" in result.reason
 
 
 def test_gpu_only_backend_does_not_fall_back_to_cpu():
-    m = model(size=4 * GiB, backend="vllm", runs_on_cpu=False, gpu_vendors=("nvidia",))
+    m = model(size=4 * GiB, backend="vllm")
     n = node("a", ram=512 * GiB, gpus=[gpu(0, 2 * GiB)], backends=["vllm"])
     result = plain().place(m, [n], [])
     assert isinstance(result, Unschedulable)
@@ -282,7 +286,7 @@ def test_gpu_only_backend_does_not_fall_back_to_cpu():
 
 
 def test_gpu_only_backend_goes_to_the_gpu_node():
-    m = model(size=4 * GiB, backend="vllm", runs_on_cpu=False, gpu_vendors=("nvidia",))
+    m = model(size=4 * GiB, backend="vllm")
     nodes = [node("a", ram=512 * GiB, backends=["vllm"]),
              node("b", ram=8 * GiB, gpus=[gpu(0, 24 * GiB)], backends=["vllm"])]
     assert plain().place(m, nodes, []) == gpu_alloc("b", 4 * GiB)
@@ -389,3 +393,10 @@ def test_overcommitted_device_is_described_as_zero_free_not_negative():
     assert "-" not in result.reason.split("needs")[1]
     assert "GPU 0 has 0 B free" in result.reason
     assert "0 B RAM free for models" in result.reason
+
+
+def test_a_cpu_only_build_on_a_gpu_node_is_not_handed_the_gpu():
+    # The same backend, built without GPU support on this node (the PyPI llama.cpp wheel).
+    n = node("a", ram=16 * GiB, gpus=[gpu(0, 80 * GiB)])
+    n["backends"]["llama.cpp"] = {"runs_on_cpu": True, "gpu_vendors": []}
+    assert plain().place(model(size=2 * GiB), [n], []) == cpu_alloc("a", 2 * GiB)
