@@ -82,7 +82,9 @@ class Daemon:
              "--api-port", str(self.api_port), "--raft-port", str(self.raft_port),
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # Outside the checkout, as a user's shell would be: in the repo root the
+            # source folder `gpumesh/` would shadow the installed package.
+            cwd=self.data_dir.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -119,7 +121,8 @@ class Daemon:
         """Run `gpumesh ARGS` against this daemon the way a user's shell would."""
         env = {**os.environ, "GPUMESH_URL": self.url, "GPUMESH_API_KEY": self.admin_key}
         return subprocess.run([sys.executable, "-m", "gpumesh", *args], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+                              cwd=self.data_dir.parent, capture_output=True, text=True,
+                              timeout=timeout)
 
     def api(self, path: str, key: str | None = "admin") -> tuple[int, Any]:
         request = urllib.request.Request(self.url + path)
