@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from gpumesh import __version__
@@ -55,8 +56,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     client = _client(args)
-    spec: dict[str, Any] = {"name": args.name, "source": args.source, "replicas": args.replicas,
-                            "args": args.arg or []}
+    spec: dict[str, Any] = {"name": args.name, "source": _absolute_if_local(args.source),
+                            "replicas": args.replicas, "args": args.arg or []}
     if args.backend:
         spec["backend"] = args.backend
     if args.context_length:
@@ -67,6 +68,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                                       f"{m['replicas']} replica(s)); status: {m['status']}")
         return 0
     return _wait_running(client, args, model["name"], args.timeout)
+
+
+def _absolute_if_local(source: str) -> str:
+    """`./model.gguf` means the file beside the user's shell, not beside the daemon."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def _wait_running(client: ApiClient, args: argparse.Namespace, name: str,

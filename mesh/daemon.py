@@ -31,7 +31,7 @@ from .agent import NodeAgent
 from .api import ManagementApi
 from .auth import ADMIN, new_api_key
 from .config import Config
-from .datadir import DataDir
+from .datadir import DataDir, DataDirInUse, DataDirLock
 from .errors import error_middleware
 from .events import log_state_changes
 from .gateway import Gateway
@@ -51,8 +51,16 @@ async def run_daemon(config: Config) -> int:
     """`gpumesh up`: run until SIGINT/SIGTERM. Returns the process exit status."""
     os.umask(0o077)   # the journal, logs and keys the daemon writes are for its owner only
     data = DataDir.open(config.data_dir)
-    daemon = Daemon(config, data)
-    return await daemon.serve()
+    lock = DataDirLock(data.root)
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        log.error("gpumesh could not start: %s", exc)
+        return 1
+    try:
+        return await Daemon(config, data).serve()
+    finally:
+        lock.release()
 
 
 class Daemon:

@@ -12,6 +12,7 @@ Layout (all created 0700/0600 because the Raft journal and the secret are sensit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -20,7 +21,41 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataDir"]
+__all__ = ["DataDir", "DataDirInUse", "DataDirLock"]
+
+
+class DataDirInUse(Exception):
+    """Another gpumesh process holds this data dir; the message names its pid."""
+
+
+class DataDirLock:
+    """An exclusive lock on the data dir for as long as the daemon runs.
+
+    Two daemons on one journal would corrupt it: the second one is refused. The kernel drops
+    an flock when its holder dies, so a crashed daemon never leaves a stale lock behind.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._path = root / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(f"the data dir {self._path.parent} is in use by another gpumesh "
+                               f"(pid {holder}); stop it or pick another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)     # closing drops the flock
+            self._fd = None
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,12 @@ class Daemon:
     def admin_key(self) -> str:
         return (self.data_dir / "admin.key").read_text().strip()
 
-    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 120.0,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run `gpumesh ARGS` against this daemon the way a user's shell would."""
         env = {**os.environ, "GPUMESH_URL": self.url, "GPUMESH_API_KEY": self.admin_key}
         return subprocess.run([sys.executable, "-m", "gpumesh", *args], env=env,
-                              cwd=self.data_dir.parent, capture_output=True, text=True,
+                              cwd=cwd or self.data_dir.parent, capture_output=True, text=True,
                               timeout=timeout)
 
     def api(self, path: str, key: str | None = "admin") -> tuple[int, Any]:

@@ -12,13 +12,15 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from harness import Daemon, children_of, pid_alive
+from harness import Daemon, children_of, free_port, pid_alive
 from tinymodels import write_tiny_gguf
 
 GRAMMAR = 'root ::= "hello there"'
@@ -138,6 +140,36 @@ def test_deploy_refusals_say_why_and_lose_nothing(daemon: Daemon, tiny_model: Pa
     reply = client(daemon).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
                                                    extra_body={"grammar": GRAMMAR})
     assert reply.choices[0].message.content == "hello there"
+
+
+def test_a_relative_path_is_the_shells_not_the_daemons(daemon: Daemon, tiny_model: Path,
+                                                      workdir: Path) -> None:
+    shell_dir = workdir / "elsewhere"
+    shell_dir.mkdir()
+    (shell_dir / "rel.gguf").write_bytes(tiny_model.read_bytes())
+    result = daemon.cli("deploy", "rel.gguf", "--name", "rel", "--wait", cwd=shell_dir)
+    assert result.returncode == 0, result.stderr
+    assert daemon.wait_model("rel")["source"]["path"] == str(shell_dir / "rel.gguf")
+    assert daemon.cli("rm", "rel").returncode == 0
+
+
+def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(daemon: Daemon,
+                                                                 workdir: Path) -> None:
+    def up(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpumesh", "up", *args], cwd=workdir,
+                              capture_output=True, text=True, timeout=30)
+
+    same_dir = up("--data-dir", str(daemon.data_dir), "--api-port", str(free_port()),
+                  "--raft-port", str(free_port()))
+    assert same_dir.returncode == 1
+    assert f"in use by another gpumesh (pid {daemon.process.pid})" in same_dir.stderr
+
+    same_port = up("--data-dir", str(workdir / "other"), "--api-port", str(daemon.api_port),
+                   "--raft-port", str(free_port()))
+    assert same_port.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{daemon.api_port} (--api-port)" in same_port.stderr
+
+    assert daemon.wait_model("tiny")["ready_replicas"] == 1   # the first one is untouched
 
 
 def test_scale_up_down_and_503_while_nothing_runs(daemon: Daemon) -> None:
