@@ -101,22 +101,41 @@ class Daemon:
 
     async def _run_app(self) -> int:
         runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None)
+        # Handlers first: a Ctrl-C during start-up must stop it, not be lost.
+        self._install_signal_handlers()
         try:
-            await runner.setup()                    # enters every cleanup_ctx part, in order
-            site = web.TCPSite(runner, self.config.host, self.config.api_port)
-            await site.start()
+            if not await self._start(runner):
+                return 1 if not self._stop.is_set() else 0
+            self._announce()
+            await self._stop.wait()
+            log.info("shutting down: stopping engines (Ctrl-C again to force)")
+            return 0
+        finally:
+            await runner.cleanup()                  # site, then the entered parts in reverse
+            self._remove_signal_handlers()
+            log.info("stopped")
+
+    async def _start(self, runner: web.AppRunner) -> bool:
+        """Enter every part and bind the site; False if that failed or was interrupted."""
+        starting = asyncio.create_task(self._setup_and_bind(runner), name="start-up")
+        stop = asyncio.create_task(self._stop.wait(), name="stop-during-start-up")
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not starting.done():
+            log.info("interrupted during start-up; undoing what was started")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return False
+        try:
+            starting.result()
         except (StateUnavailable, ProbeUnavailable, OSError) as exc:
             log.error("gpumesh could not start: %s", exc)
-            await runner.cleanup()
-            return 1
-        self._announce()
-        self._install_signal_handlers()
-        await self._stop.wait()
-        log.info("shutting down: stopping engines (Ctrl-C again to force)")
-        await runner.cleanup()                      # site, then parts in reverse
-        self._remove_signal_handlers()
-        log.info("stopped")
-        return 0
+            return False
+        return True
+
+    async def _setup_and_bind(self, runner: web.AppRunner) -> None:
+        await runner.setup()                        # enters every cleanup_ctx part, in order
+        await web.TCPSite(runner, self.config.host, self.config.api_port).start()
 
     def build_app(self) -> web.Application:
         assert self.session is not None

@@ -37,7 +37,12 @@ class ReplicaReconciler:
                 await self.reconcile_once(view)
 
     async def reconcile_once(self, view: StateView) -> None:
-        for name, model in sorted(view.models.items()):
+        for name in sorted(view.models):
+            # Re-read for every model: the previous one's placement (applied here before
+            # submit returned) must count against the memory this one can take.
+            view = self._store.view
+            if (model := view.models.get(name)) is None:
+                continue
             try:
                 await self._reconcile_model(view, model)
             except CommandRejected as exc:   # raced with a delete or a node change: next pass

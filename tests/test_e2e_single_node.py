@@ -231,3 +231,36 @@ def test_ctrl_c_stops_every_engine_and_restart_serves_again(daemon: Daemon) -> N
                                                    extra_body={"grammar": GRAMMAR})
     assert reply.choices[0].message.content == "hello there"
     assert daemon.stop() == 0
+
+
+def test_ctrl_c_during_start_up_stops_it(workdir: Path) -> None:
+    for delay in (0.2, 0.8):                  # before and during the Raft election
+        data_dir = workdir / f"early-{delay}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gpumesh", "up", "--data-dir", str(data_dir),
+             "--api-port", str(free_port()), "--raft-port", str(free_port())],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError(f"Ctrl-C {delay} s into start-up was ignored")
+        assert process.returncode == 0, output
+        assert "stopped" in output
+
+
+def test_a_failed_start_says_why_and_exits_1(workdir: Path) -> None:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        pytest.skip("this machine has NVIDIA GPUs, so forcing the NVIDIA probe succeeds")
+    except pynvml.NVMLError:
+        pass
+    result = subprocess.run(
+        [sys.executable, "-m", "gpumesh", "up", "--data-dir", str(workdir / "no-gpu"),
+         "--api-port", str(free_port()), "--raft-port", str(free_port()),
+         "--gpu-probe", "nvidia"], cwd=workdir, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "gpumesh could not start:" in result.stderr and "NVML" in result.stderr
