@@ -247,8 +247,10 @@ def test_ctrl_c_during_start_up_stops_it(workdir: Path) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             raise AssertionError(f"Ctrl-C {delay} s into start-up was ignored")
-        assert process.returncode == 0, output
-        assert "stopped" in output
+        # 130: interrupted while Python was still importing, before anything started;
+        # 0: the daemon's own handler stopped start-up and undid what it had begun.
+        assert process.returncode in (0, 130), output
+        assert process.returncode == 130 or "stopped" in output
 
 
 def test_a_failed_start_says_why_and_exits_1(workdir: Path) -> None:
