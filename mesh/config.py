@@ -64,7 +64,7 @@ class Config:
                 values[f.name] = env_value
             if flags.get(f.name) is not None:
                 values[f.name] = flags[f.name]
-        config = cls(**{k: v for k, v in values.items()})  # type: ignore[arg-type]
+        config = cls(**values)  # type: ignore[arg-type]  # strings from env: normalise() coerces
         config.normalise()
         return config
 

@@ -213,4 +213,4 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)       # start_new_session made pid the group id
     except ProcessLookupError:
-        pass
+        pass                      # already gone: nothing left to signal

@@ -243,7 +243,7 @@ class ClusterStore:
             try:
                 await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
-                pass
+                pass                     # no change in time: the caller re-checks anyway
         return self.view
 
     def _signal_applied(self) -> None:
