@@ -32,7 +32,6 @@ log = logging.getLogger("gpumesh.gateway")
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 INSTANCE_HEADER = "X-Gpumesh-Instance"
 _MAX_ATTEMPTS = 3
-_STARTED = "gpumesh.response_started"   # request key: bytes have gone to the client
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
                 "date", "content-encoding"}
 
@@ -84,9 +83,7 @@ class Gateway:
         for instance in candidates[:_MAX_ATTEMPTS]:
             try:
                 return await self._forward(request, instance, body)
-            except aiohttp.ClientConnectionError as exc:
-                if request.get(_STARTED):   # see _relay_response: never splice two answers
-                    raise
+            except aiohttp.ClientConnectionError as exc:   # nothing has reached the client yet
                 last_error = f"{instance['id']}: {exc}"
                 log.warning("instance %s unreachable, trying another: %s", instance["id"], exc)
         return openai_error(502, f"no instance of {model_name} answered ({last_error})",
@@ -137,8 +134,8 @@ class Gateway:
                        body: bytes) -> web.StreamResponse:
         url, extra = self._upstream_url(instance, request.path)
         headers = {"Content-Type": "application/json", **extra}
-        if extra:  # a peer gateway checks the caller's key itself
-            headers["Authorization"] = request.headers.get("Authorization", "")
+        if extra:  # a peer gateway checks the caller's key itself, however it was sent
+            headers["Authorization"] = f"Bearer {key_from_request(request)}"
         self._outstanding[instance["id"]] += 1
         try:
             async with self._session.post(url, data=body, headers=headers) as upstream:
@@ -155,14 +152,17 @@ class Gateway:
             return web.Response(status=upstream.status, body=await upstream.read(),
                                 headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        request[_STARTED] = True
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         except aiohttp.ClientError as exc:
-            # Bytes already reached the client: retrying elsewhere would splice two answers.
+            # Bytes already reached the client: retrying elsewhere would splice two answers,
+            # and an error body cannot follow. Cut the connection so the client sees a
+            # broken transfer, not a clean end of stream.
             log.warning("stream from %s broke after the first byte: %s", upstream.url, exc)
-            raise
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response
