@@ -79,15 +79,36 @@ class Gateway:
         candidates = self._candidates(request, model_name)
         if not candidates:
             return self._no_instance(model_name)
+        # llama.cpp closes the connection a few ms after every streamed answer, although it
+        # announced keep-alive: a pooled connection would be stale for the next request.
+        # Streams therefore ask for `Connection: close` and never go back to the pool.
+        streamed = payload.get("stream") is True
         last_error = ""
         for instance in candidates[:_MAX_ATTEMPTS]:
             try:
-                return await self._forward(request, instance, body)
+                return await self._forward_with_retry(request, instance, body, streamed)
             except aiohttp.ClientConnectionError as exc:   # nothing has reached the client yet
                 last_error = f"{instance['id']}: {exc}"
                 log.warning("instance %s unreachable, trying another: %s", instance["id"], exc)
         return openai_error(502, f"no instance of {model_name} answered ({last_error})",
                             type_="server_error", code="upstream_unreachable")
+
+    async def _forward_with_retry(self, request: web.Request, instance: dict[str, Any],
+                                  body: bytes, close_after: bool) -> web.StreamResponse:
+        """Forward once more if a pooled connection turns out to be stale.
+
+        Engines close idle keep-alive connections on their own schedule; a request that took
+        such a connection from the pool fails before its first byte. That says nothing about
+        the engine, so it is retried on the same instance. Failing to connect at all
+        (ClientConnectorError) does say the engine is not there: no second try.
+        """
+        try:
+            return await self._forward(request, instance, body, close_after)
+        except aiohttp.ClientConnectorError:
+            raise
+        except aiohttp.ClientConnectionError as exc:
+            log.debug("instance %s: stale pooled connection (%s); retrying", instance["id"], exc)
+            return await self._forward(request, instance, body, close_after=True)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -130,10 +151,12 @@ class Gateway:
         node = self._store.view.nodes.get(instance["node_id"], {})
         return f"{node.get('api_url')}{path}", {INSTANCE_HEADER: instance["id"]}
 
-    async def _forward(self, request: web.Request, instance: dict[str, Any],
-                       body: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, instance: dict[str, Any], body: bytes,
+                       close_after: bool) -> web.StreamResponse:
         url, extra = self._upstream_url(instance, request.path)
         headers = {"Content-Type": "application/json", **extra}
+        if close_after:   # the engine answers `Connection: close`: it never enters the pool
+            headers["Connection"] = "close"
         if extra:  # a peer gateway checks the caller's key itself, however it was sent
             headers["Authorization"] = f"Bearer {key_from_request(request)}"
         self._outstanding[instance["id"]] += 1

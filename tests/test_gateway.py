@@ -300,6 +300,7 @@ def cluster(node: Node, engine: Engine, gguf: Path) -> dict[str, Any]:
         node.submit({"op": "update_instance", "id": instance_id, "node_id": node_id,
                      "changes": {"state": state, "port": port}})
 
+    broken_port = node.call(node.start_broken_engine())   # bound before picking dead ports
     dead = [_closed_port() for _ in range(3)]
     model("tiny")
     instance("tiny-1", "tiny", "running", engine.port)
@@ -318,7 +319,7 @@ def cluster(node: Node, engine: Engine, gguf: Path) -> dict[str, Any]:
     model("remote")
     instance("remote-1", "remote", "running", engine.port, node_id=PEER_ID)
     model("broken")
-    instance("broken-1", "broken", "running", node.call(node.start_broken_engine()))
+    instance("broken-1", "broken", "running", broken_port)
     return {"admin": admin_key, "user": user_key, "dead": dead}
 
 
