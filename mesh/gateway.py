@@ -176,16 +176,25 @@ class Gateway:
                                 headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except aiohttp.ClientError as exc:
+                # The engine broke after bytes reached the client: retrying elsewhere would
+                # splice two answers, and an error body cannot follow. Cut the connection so
+                # the client sees a broken transfer, not a clean end of stream.
+                log.warning("stream from %s broke after the first byte: %s", upstream.url, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
+            try:
                 await response.write(chunk)
-        except aiohttp.ClientError as exc:
-            # Bytes already reached the client: retrying elsewhere would splice two answers,
-            # and an error body cannot follow. Cut the connection so the client sees a
-            # broken transfer, not a clean end of stream.
-            log.warning("stream from %s broke after the first byte: %s", upstream.url, exc)
-            if request.transport is not None:
-                request.transport.close()
-            return response
+            except ConnectionResetError:
+                # The client went away. Returning leaves `async with session.post(...)`,
+                # which closes the engine's connection: it stops generating for nobody.
+                log.info("client left during a stream from %s", upstream.url)
+                return response
         await response.write_eof()
         return response
