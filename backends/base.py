@@ -12,7 +12,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-__all__ = ["Backend", "BackendUnavailable", "LaunchRequest", "LaunchSpec"]
+__all__ = ["Backend", "BackendUnavailable", "LaunchRequest", "LaunchSpec", "SUPERVISOR_PID_ENV"]
+
+# Every engine process gpumesh starts gets the starting daemon's pid in this variable, so an
+# engine that can watch its parent (our runners) can tell a dead supervisor from a live one.
+SUPERVISOR_PID_ENV = "GPUMESH_SUPERVISOR_PID"
 
 
 class BackendUnavailable(Exception):

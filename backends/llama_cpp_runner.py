@@ -34,6 +34,8 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpumesh.backends.base import SUPERVISOR_PID_ENV
+
 if TYPE_CHECKING:
     import xllamacpp
 
@@ -50,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if "--list-devices" in (sys.argv[1:] if argv is None else argv):
         return _list_devices()
     args = _parser().parse_args(argv)
-    parent_pid = os.getppid()
     request_parent_death_signal(signal.SIGTERM)
+    parent_pid = os.getppid()
+    # The supervisor names itself: if it died before the line above, our parent is already
+    # someone else (init), and the death signal will never come.
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if supervisor is not None and int(supervisor) != parent_pid:
+        print(f"{_PREFIX} supervisor {supervisor} is gone before start, not starting",
+              file=sys.stderr, flush=True)
+        return 1
     if not Path(args.model).is_file():
         print(f"{_PREFIX} model file not found: {args.model}", file=sys.stderr)
         return 1
@@ -191,9 +200,8 @@ def _install_stop_handlers() -> threading.Event:
 def _wait_for_stop(stop: threading.Event, parent_pid: int) -> None:
     # The signal handler runs in this (main) thread and wakes the wait at once; the
     # timeout only paces the parent check, which matters where PR_SET_PDEATHSIG does
-    # not exist (macOS). A parent that died before main() read getppid() goes unseen
-    # here: a supervisor closes that window by setting the death signal in the child
-    # before exec (request_parent_death_signal as preexec_fn; it survives exec).
+    # not exist (macOS). A parent that died before main() read getppid() is caught in
+    # main() through SUPERVISOR_PID_ENV.
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent_pid:
             print(f"{_PREFIX} parent process {parent_pid} is gone, stopping", file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from gpumesh.backends.base import BackendUnavailable, LaunchRequest
+from gpumesh.backends.base import SUPERVISOR_PID_ENV, BackendUnavailable, LaunchRequest
 from gpumesh.backends.registry import get_backend
 
 from .modelfiles import ModelFileError, resolve_model_file
@@ -139,7 +139,8 @@ class InstanceSupervisor:
             log_handle.flush()
             try:
                 self._process = await asyncio.create_subprocess_exec(
-                    *argv, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+                    *argv, env={**os.environ, **env, SUPERVISOR_PID_ENV: str(os.getpid())},
+                    stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_handle, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True)   # its own process group: stop kills all of it
             except OSError as exc:

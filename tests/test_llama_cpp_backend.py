@@ -401,3 +401,13 @@ def test_runner_reports_a_port_in_use(tiny_gguf: Path) -> None:
                               capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "could not start" in done.stderr and f"127.0.0.1:{port}" in done.stderr
+
+
+def test_the_runner_refuses_to_start_when_its_supervisor_is_already_gone(tiny_gguf: Path) -> None:
+    # The daemon names itself in GPUMESH_SUPERVISOR_PID; a parent that is not that process
+    # means the daemon died before the runner could ask for its parent-death signal.
+    env = {**os.environ, "GPUMESH_SUPERVISOR_PID": "1"}
+    done = subprocess.run([sys.executable, "-m", RUNNER_MODULE, "-m", str(tiny_gguf),
+                           "--port", "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "supervisor 1 is gone before start" in done.stderr
