@@ -266,3 +266,28 @@ def test_a_failed_start_says_why_and_exits_1(workdir: Path) -> None:
          "--gpu-probe", "nvidia"], cwd=workdir, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "gpumesh could not start:" in result.stderr and "NVML" in result.stderr
+
+
+def test_kill_9_of_the_daemon_takes_its_engine_along_and_loses_nothing(
+        workdir: Path, tiny_model: Path) -> None:
+    node = Daemon(workdir / "killed")
+    node.start()
+    try:
+        assert node.cli("deploy", str(tiny_model), "--name", "tiny", "--wait").returncode == 0
+        assert node.process is not None
+        engines = children_of(node.process.pid)
+        assert engines
+        node.stop(signal.SIGKILL)                           # no clean shutdown at all
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in engines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(pid_alive(p) for p in engines), "an engine outlived a killed daemon"
+
+        node.start()                                        # the journal has everything
+        assert node.wait_model("tiny", timeout=30)["ready_replicas"] == 1
+        reply = client(node).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
+                                                     extra_body={"grammar": GRAMMAR})
+        assert reply.choices[0].message.content == "hello there"
+        assert node.stop() == 0
+    finally:
+        node.kill()
