@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +40,7 @@ from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler, format_bytes
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["Daemon", "http_app", "run_daemon"]
 
 log = logging.getLogger("gpumesh")
 
@@ -139,11 +139,8 @@ class Daemon:
 
     def build_app(self) -> web.Application:
         assert self.session is not None
-        api = ManagementApi(self.store, self.node_id, self.started, lambda: self.backends)
-        app = web.Application(middlewares=[error_middleware, api.require_admin],
-                              client_max_size=16 << 20)
-        api.add_routes(app)
-        Gateway(self.store, self.node_id, self.session).add_routes(app)
+        app = http_app(self.store, self.node_id, self.session, self.started,
+                       lambda: self.backends)
         app.cleanup_ctx.extend([
             self._probe_part, self._store_part, self._membership_part,
             self._agent_part, self._reconciler_part, self._event_log_part,
@@ -262,6 +259,19 @@ class Daemon:
         if self._signals > 1 and self.agent is not None:
             log.warning("forced: killing every engine now")
             self.agent.kill_now()
+
+
+def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
+             started: float, backends: Callable[[], list[dict[str, object]]]) -> web.Application:
+    """The HTTP surface of a node: errors in OpenAI's shape, the admin check on /api, the
+    management routes and the gateway. The daemon adds its lifecycle parts; tests serve it
+    as it is, in-process."""
+    api = ManagementApi(store, node_id, started, backends)
+    app = web.Application(middlewares=[error_middleware, api.require_admin],
+                          client_max_size=16 << 20)
+    api.add_routes(app)
+    Gateway(store, node_id, session).add_routes(app)
+    return app
 
 
 @contextlib.asynccontextmanager

@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
+from inprocess import (READY_TIMEOUT, InProcessNode, Reply, http_request, new_store,
+                       raft_threads)
+from inprocess import instance_record as shared_instance_record
 from tinymodels import write_tiny_gguf
 
 from gpumesh import __version__
-from gpumesh.mesh.api import ManagementApi
 from gpumesh.mesh.auth import ADMIN, USER, new_api_key
+from gpumesh.mesh.daemon import http_app
 from gpumesh.mesh.deployments import build_model_record
-from gpumesh.mesh.errors import error_middleware
-from gpumesh.mesh.gateway import Gateway
-from gpumesh.mesh.state import ClusterStore
 
 NODE_ID = "node-api-test"
-READY_TIMEOUT = 10.0
 BACKENDS = [{"name": "llama.cpp", "model_formats": ["gguf"], "runs_on_cpu": True,
              "version": "test-build", "gpu_vendors": [], "available": True, "problem": None}]
 RAFT_KEYS = {"self_address", "leader", "is_leader", "term", "commit_index", "last_applied",
@@ -45,126 +41,9 @@ RAFT_KEYS = {"self_address", "leader", "is_leader", "term", "commit_index", "las
 
 # --- a node: store + HTTP app, on an event loop in a background thread ------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _raft_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "gpumesh-raft"]
-
-
-def _new_store(directory: Path) -> ClusterStore:
-    return ClusterStore(self_address=f"127.0.0.1:{_free_port()}", partners=[],
-                        journal_file=directory / "raft.journal",
-                        snapshot_file=directory / "raft.snapshot",
-                        secret="test-cluster-secret", bind_host="127.0.0.1")
-
-
-def _build_app(store: ClusterStore, session: aiohttp.ClientSession,
-               started: float) -> web.Application:
-    """As Daemon.build_app does, less the cleanup_ctx parts (probe, agent, reconciler …)."""
-    api = ManagementApi(store, NODE_ID, started, lambda: BACKENDS)
-    app = web.Application(middlewares=[error_middleware, api.require_admin],
-                          client_max_size=16 << 20)
-    api.add_routes(app)
-    Gateway(store, NODE_ID, session).add_routes(app)
-    return app
-
-
-class Node:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started = time.time() - 5.0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-api-loop",
-                                       daemon=True)
-        self.store: ClusterStore | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        self.thread.start()
-        self.call(self._start())
-
-    def stop(self) -> None:
-        try:
-            self.call(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def submit(self, command: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        return self.call(self.store.submit(command))
-
-    async def _start(self) -> None:
-        self.store = _new_store(self.directory)
-        await self.store.start()
-        await self.store.wait_ready(READY_TIMEOUT)
-        self.session = aiohttp.ClientSession()
-        self.server = TestServer(_build_app(self.store, self.session, self.started),
-                                 host="127.0.0.1")
-        await self.server.start_server()
-        self.url = f"http://127.0.0.1:{self.server.port}"
-
-    async def _stop(self) -> None:
-        try:
-            await self.server.close()
-            await self.session.close()
-        finally:
-            await self.store.stop()
-
-
-class Reply:
-    def __init__(self, status: int, headers: Any, raw: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.raw = raw
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.raw)
-
-    @property
-    def error(self) -> dict[str, Any]:
-        body = self.body
-        assert list(body) == ["error"], body
-        assert set(body["error"]) == {"message", "type", "param", "code"}, body
-        return body["error"]
-
-    def __repr__(self) -> str:
-        return f"Reply({self.status}, {self.raw[:300]!r})"
-
-
-async def _request(url: str, method: str, path: str, *, key: str | None, json_body: Any = None,
-                   data: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
-    headers = dict(headers or {})
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    kwargs: dict[str, Any] = {"headers": headers}
-    if json_body is not None:
-        kwargs["json"] = json_body
-    if data is not None:
-        kwargs["data"] = data
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url + path, **kwargs) as response:
-            return Reply(response.status, response.headers, await response.read())
-
-
 def instance_record(instance_id: str, model: str, state: str, *, port: int | None = None,
                     node_id: str = NODE_ID) -> dict[str, Any]:
-    """An instance as the reconciler creates it (then updated by the agent)."""
-    now = time.time()
-    return {"id": instance_id, "model": model, "node_id": node_id, "state": state,
-            "allocation": {"device": "cpu", "memory_bytes": 1 << 20, "gpu_vendor": None,
-                           "gpu_indices": []},
-            "port": port, "pid": None, "reason": None, "restarts": 0,
-            "created": now, "updated": now}
+    return shared_instance_record(instance_id, model, state, node_id, port=port)
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -176,15 +55,16 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory):
-    node = Node(tmp_path_factory.mktemp("raft"))
+    node = InProcessNode(tmp_path_factory.mktemp("raft"), (NODE_ID,), BACKENDS,
+                         started=time.time() - 5.0)
     node.start()
     yield node
     node.stop()
-    assert _raft_threads() == []
+    assert raft_threads() == []
 
 
 @pytest.fixture(scope="module")
-def keys(node: Node) -> dict[str, str]:
+def keys(node: InProcessNode) -> dict[str, str]:
     admin_key, admin_record = new_api_key("admin", ADMIN)
     user_key, user_record = new_api_key("someone", USER)
     node.submit({"op": "create_api_key", "key": admin_record, "only_if_no_admin": True})
@@ -201,14 +81,15 @@ def keys(node: Node) -> dict[str, str]:
 
 
 @pytest.fixture()
-def api(node: Node, keys: dict[str, str]):
+def api(node: InProcessNode, keys: dict[str, str]):
     """`api(method, path, key="admin"|"user"|None|<literal>, json_body=…, data=…)`."""
     def call(method: str, path: str, key: str | None = "admin", **kwargs: Any) -> Reply:
-        return asyncio.run(_request(node.url, method, path, key=keys.get(key, key), **kwargs))
+        return asyncio.run(http_request(node.url + path, method, key=keys.get(key, key),
+                                        **kwargs))
     return call
 
 
-def deploy(node: Node, gguf: Path, name: str, replicas: int = 1) -> dict[str, Any]:
+def deploy(node: InProcessNode, gguf: Path, name: str, replicas: int = 1) -> dict[str, Any]:
     """A model record committed straight to the store (as POST /api/models would)."""
     record = build_model_record({"name": name, "source": str(gguf), "replicas": replicas})
     node.submit({"op": "create_model", "model": record})
@@ -595,13 +476,14 @@ def test_unknown_routes_and_methods_are_openai_shaped(api) -> None:
 # --- no quorum: a store stopped under a running server -----------------------------------------
 
 def test_writes_answer_503_no_quorum_once_the_store_is_stopped(tmp_path, gguf) -> None:
-    raft_threads_before = _raft_threads()   # the module's node has one of its own
+    raft_threads_before = raft_threads()   # the module's node has one of its own
 
     async def main() -> None:
-        store = _new_store(tmp_path)
+        store = new_store(tmp_path)
         await store.start()
         session = aiohttp.ClientSession()
-        server = TestServer(_build_app(store, session, time.time()), host="127.0.0.1")
+        server = TestServer(http_app(store, NODE_ID, session, time.time(), lambda: BACKENDS),
+                            host="127.0.0.1")
         try:
             await store.wait_ready(READY_TIMEOUT)
             key, record = new_api_key("admin", ADMIN)
@@ -611,7 +493,7 @@ def test_writes_answer_503_no_quorum_once_the_store_is_stopped(tmp_path, gguf) -
             await server.start_server()
             url = f"http://127.0.0.1:{server.port}"
 
-            ok = await _request(url, "POST", "/api/models", key=key,
+            ok = await http_request(url + "/api/models", "POST", key=key,
                                 json_body={"name": "before", "source": str(gguf)})
             assert ok.status == 201, ok
 
@@ -621,7 +503,7 @@ def test_writes_answer_503_no_quorum_once_the_store_is_stopped(tmp_path, gguf) -
                     ("POST", "/api/models", {"name": "after", "source": str(gguf)}),
                     ("PATCH", "/api/models/kept", {"replicas": 3}),
                     ("DELETE", "/api/models/kept", None)):
-                reply = await _request(url, method, path, key=key, json_body=body)
+                reply = await http_request(url + path, method, key=key, json_body=body)
                 assert reply.status == 503, (method, reply)
                 assert reply.error["code"] == "no_quorum"
                 assert reply.error["type"] == "server_error"
@@ -629,15 +511,15 @@ def test_writes_answer_503_no_quorum_once_the_store_is_stopped(tmp_path, gguf) -
                 assert reply.headers["Retry-After"] == "2"
 
             # Reads are served from the last state this node applied; the key still works.
-            models = await _request(url, "GET", "/api/models", key=key)
+            models = await http_request(url + "/api/models", "GET", key=key)
             assert models.status == 200
             assert [m["name"] for m in models.body["data"]] == ["before", "kept"]
             assert models.body["data"][1]["replicas"] == 1
-            health = await _request(url, "GET", "/api/health", key=None)
+            health = await http_request(url + "/api/health", "GET")
             assert health.status == 200
         finally:
             await server.close()
             await session.close()
             await store.stop()
     asyncio.run(main())
-    assert _raft_threads() == raft_threads_before      # this store's tick thread was joined
+    assert raft_threads() == raft_threads_before      # this store's tick thread was joined

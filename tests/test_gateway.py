@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,19 +30,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from harness import free_port
+from inprocess import InProcessNode, Reply, http_request, raft_threads
+from inprocess import instance_record as shared_instance_record
 from tinymodels import write_tiny_gguf
 
-from gpumesh.mesh.api import ManagementApi
 from gpumesh.mesh.auth import ADMIN, USER, new_api_key
 from gpumesh.mesh.deployments import build_model_record
-from gpumesh.mesh.errors import error_middleware
-from gpumesh.mesh.gateway import Gateway
-from gpumesh.mesh.state import ClusterStore
 
 NODE_ID = "node-gateway-test"
 PEER_ID = "node-peer"
-READY_TIMEOUT = 10.0
 ENGINE_TIMEOUT = 60.0
 GRAMMAR = 'root ::= "hello there"'
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -52,26 +47,16 @@ STREAM_SETTLE_S = 0.1
 BROKEN_FIRST_EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"hel"}}]}\n\n'
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _closed_port() -> int:
     """A loopback port that was free a moment ago and that nothing listens on."""
-    return _free_port()
-
-
-def _raft_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "gpumesh-raft"]
+    return free_port()
 
 
 # --- the engine --------------------------------------------------------------------------------
 
 class Engine:
     def __init__(self, model: Path, log_file: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
         self._log = log_file.open("wb")
@@ -110,136 +95,26 @@ class Engine:
 
 # --- the node: store + HTTP app (and a peer gateway), on a background event loop ---------------
 
-def _build_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
-               started: float) -> web.Application:
-    """As Daemon.build_app does, less the cleanup_ctx parts (probe, agent, reconciler …)."""
-    api = ManagementApi(store, node_id, started, lambda: [])
-    app = web.Application(middlewares=[error_middleware, api.require_admin],
-                          client_max_size=16 << 20)
-    api.add_routes(app)
-    Gateway(store, node_id, session).add_routes(app)
+def broken_engine_app() -> web.Application:
+    """An engine that dies mid-answer: SSE headers, one event, then the connection drops.
+    (The real engine cannot be made to crash at a chosen byte, so this one stands in.)"""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(BROKEN_FIRST_EVENT)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()       # the "engine" is gone; the chunked body is cut
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
     return app
-
-
-class Node:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-gateway-loop",
-                                       daemon=True)
-        self.store: ClusterStore | None = None
-        self.servers: list[TestServer] = []
-        self.url = ""
-        self.peer_url = ""
-
-    def start(self) -> None:
-        self.thread.start()
-        self.call(self._start())
-
-    def stop(self) -> None:
-        try:
-            self.call(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def submit(self, command: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        return self.call(self.store.submit(command))
-
-    async def _start(self) -> None:
-        self.store = ClusterStore(self_address=f"127.0.0.1:{_free_port()}", partners=[],
-                                  journal_file=self.directory / "raft.journal",
-                                  snapshot_file=self.directory / "raft.snapshot",
-                                  secret="test-cluster-secret", bind_host="127.0.0.1")
-        await self.store.start()
-        await self.store.wait_ready(READY_TIMEOUT)
-        self.session = aiohttp.ClientSession()
-        for node_id in (NODE_ID, PEER_ID):
-            server = TestServer(_build_app(self.store, node_id, self.session, time.time()),
-                                host="127.0.0.1")
-            await server.start_server()
-            self.servers.append(server)
-        self.url, self.peer_url = (f"http://127.0.0.1:{s.port}" for s in self.servers)
-
-    async def start_broken_engine(self) -> int:
-        """An engine that dies mid-answer: SSE headers, one event, then the connection drops.
-        (The real engine cannot be made to crash at a chosen byte, so this one stands in.)"""
-        async def answer(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            await response.write(BROKEN_FIRST_EVENT)
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()       # the "engine" is gone; the chunked body is cut
-            return response
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        self.servers.append(server)
-        return server.port
-
-    async def _stop(self) -> None:
-        try:
-            for server in self.servers:
-                await server.close()
-            await self.session.close()
-        finally:
-            await self.store.stop()
 
 
 def instance_record(instance_id: str, model: str, state: str, *, port: int | None = None,
                     node_id: str = NODE_ID) -> dict[str, Any]:
-    """An instance as the reconciler creates it and the agent updates it."""
-    now = time.time()
-    return {"id": instance_id, "model": model, "node_id": node_id, "state": state,
-            "allocation": {"device": "cpu", "memory_bytes": 1 << 20, "gpu_vendor": None,
-                           "gpu_indices": []},
-            "port": port, "pid": None, "reason": None, "restarts": 0,
-            "created": now, "updated": now}
-
-
-class Reply:
-    def __init__(self, status: int, headers: Any, raw: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.raw = raw
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.raw)
-
-    @property
-    def error(self) -> dict[str, Any]:
-        body = self.body
-        assert list(body) == ["error"], body
-        return body["error"]
-
-    def __repr__(self) -> str:
-        return f"Reply({self.status}, {self.raw[:300]!r})"
-
-
-async def _request(url: str, method: str, *, key: str | None = None, json_body: Any = None,
-                   data: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> Reply:
-    headers = dict(headers or {})
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    kwargs: dict[str, Any] = {"headers": headers}
-    if json_body is not None:
-        kwargs["json"] = json_body
-    if data is not None:
-        kwargs["data"] = data
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.request(method, url, **kwargs) as response:
-            return Reply(response.status, response.headers, await response.read())
+    return shared_instance_record(instance_id, model, state, node_id, port=port)
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -266,22 +141,21 @@ def engine(gguf: Path, workdir: Path):
 
 @pytest.fixture(scope="module")
 def node(workdir: Path):
-    node = Node(workdir / "raft")
-    node.directory.mkdir()
+    node = InProcessNode(workdir / "raft", (NODE_ID, PEER_ID))
     node.start()
     yield node
     node.stop()
-    assert _raft_threads() == []
+    assert raft_threads() == []
 
 
 @pytest.fixture(scope="module")
-def cluster(node: Node, engine: Engine, gguf: Path) -> dict[str, Any]:
+def cluster(node: InProcessNode, engine: Engine, gguf: Path) -> dict[str, Any]:
     """Keys, nodes, models and instances; returns the keys and the dead ports."""
     admin_key, admin_record = new_api_key("admin", ADMIN)
     user_key, user_record = new_api_key("someone", USER)
     node.submit({"op": "create_api_key", "key": admin_record, "only_if_no_admin": True})
     node.submit({"op": "create_api_key", "key": user_record})
-    for node_id, url in ((NODE_ID, node.url), (PEER_ID, node.peer_url)):
+    for node_id, url in ((NODE_ID, node.url), (PEER_ID, node.urls[1])):
         node.submit({"op": "upsert_node", "node": {
             "id": node_id, "name": node_id, "status": "ready", "api_url": url,
             "updated": time.time()}})
@@ -300,7 +174,7 @@ def cluster(node: Node, engine: Engine, gguf: Path) -> dict[str, Any]:
         node.submit({"op": "update_instance", "id": instance_id, "node_id": node_id,
                      "changes": {"state": state, "port": port}})
 
-    broken_port = node.call(node.start_broken_engine())   # bound before picking dead ports
+    broken_port = node.serve(broken_engine_app())   # bound before picking dead ports
     dead = [_closed_port() for _ in range(3)]
     model("tiny")
     instance("tiny-1", "tiny", "running", engine.port)
@@ -324,11 +198,11 @@ def cluster(node: Node, engine: Engine, gguf: Path) -> dict[str, Any]:
 
 
 @pytest.fixture()
-def gw(node: Node, cluster: dict[str, Any]):
+def gw(node: InProcessNode, cluster: dict[str, Any]):
     """`gw(path, key="admin"|"user"|None|<literal>, json_body=…, data=…, headers=…, url=…)`."""
     def call(path: str, key: str | None = "admin", *, method: str = "POST",
              url: str | None = None, **kwargs: Any) -> Reply:
-        reply = asyncio.run(_request((url or node.url) + path, method,
+        reply = asyncio.run(http_request((url or node.url) + path, method,
                                      key=cluster.get(key, key), **kwargs))
         if (kwargs.get("json_body") or {}).get("stream"):
             # llama.cpp closes its connection a few ms after a streamed answer, and the
@@ -440,7 +314,7 @@ def test_a_chat_is_relayed_untouched(gw, engine) -> None:
     # Byte for byte: llama.cpp's compact JSON (no blanks, its own key order), never re-encoded.
     assert b'"message":{"role":"assistant","content":"hello there"}' in reply.raw
     assert b'": ' not in reply.raw and b'", "' not in reply.raw
-    direct = asyncio.run(_request(engine.url + "/v1/chat/completions", "POST",
+    direct = asyncio.run(http_request(engine.url + "/v1/chat/completions", "POST",
                                   json_body=chat()))
     assert list(json.loads(reply.raw)) == list(json.loads(direct.raw))
     assert int(reply.headers["Content-Length"]) == len(reply.raw)
@@ -483,7 +357,7 @@ def test_a_streamed_chat_is_relayed_as_sse_in_order(gw) -> None:
     ("/v1/embeddings", {"model": "tiny", "input": "hello"}),   # started without --embeddings
 ])
 def test_engine_errors_are_passed_through_unchanged(gw, engine, path, body) -> None:
-    direct = asyncio.run(_request(engine.url + path, "POST", json_body=body))
+    direct = asyncio.run(http_request(engine.url + path, "POST", json_body=body))
     assert direct.status >= 400, direct                 # llama.cpp itself refuses it …
     reply = gw(path, json_body=body)
     assert reply.status == direct.status                # … and the gateway relays that as is
@@ -562,10 +436,10 @@ def test_an_instance_on_another_node_is_reached_through_its_gateway(gw, node) ->
     assert text == "hello there"
 
     # The peer checks the caller's key itself; its own answer to a pinned call is the same.
-    direct = gw("/v1/chat/completions", json_body=chat("remote"), url=node.peer_url,
+    direct = gw("/v1/chat/completions", json_body=chat("remote"), url=node.urls[1],
                 headers={"X-Gpumesh-Instance": "remote-1"})
     assert direct.status == 200, direct
-    no_key = gw("/v1/chat/completions", key=None, json_body=chat("remote"), url=node.peer_url,
+    no_key = gw("/v1/chat/completions", key=None, json_body=chat("remote"), url=node.urls[1],
                 headers={"X-Gpumesh-Instance": "remote-1"})
     assert no_key.status == 401
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import free_port
 from openai import OpenAI
 from tinymodels import write_tiny_gguf
 
@@ -64,12 +65,6 @@ def _fake_llama_server(directory: Path, devices: str = "Available devices:\n") -
                       .replace("$DEVICES", devices.replace("\n", "\\n")))
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -243,7 +238,7 @@ def test_registry_errors_name_what_is_known() -> None:
 
 
 def test_runner_serves_chat_and_stops_on_sigterm(tiny_gguf: Path, no_binary: None, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     spec = LlamaCppBackend().launch(_request(tiny_gguf, port=port, extra_args=QUIET))
     log = (tmp_path / "runner.log").open("wb")
     proc = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=subprocess.PIPE, stderr=log)
@@ -339,7 +334,7 @@ def test_runner_stops_cleanly_right_after_it_starts(tiny_gguf: Path) -> None:
 
 
 def test_runner_serves_embeddings_only_when_asked(tiny_gguf: Path, no_binary: None, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     extra = ("--embeddings", "--pooling", "mean", "-t", "1", "--parallel", "2", *QUIET)
     spec = LlamaCppBackend().launch(_request(tiny_gguf, port=port, extra_args=extra))
     proc = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=subprocess.DEVNULL)
@@ -355,7 +350,7 @@ def test_runner_serves_embeddings_only_when_asked(tiny_gguf: Path, no_binary: No
 
 
 def test_runner_dies_when_its_parent_is_killed(tiny_gguf: Path) -> None:
-    port = _free_port()
+    port = free_port()
     argv = list(RUNNER) + ["-m", str(tiny_gguf), "--port", str(port), "-c", "256", "-ngl", "0", *QUIET]
     # A stand-in for the gpumesh daemon: starts the runner, reports its pid, then waits.
     parent_code = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); "

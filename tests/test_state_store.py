@@ -7,34 +7,24 @@ Each test runs its own event loop with asyncio.run and always stops the store, s
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from harness import free_port
+from inprocess import raft_threads
 
 from gpumesh.mesh.state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
 READY_TIMEOUT = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _store(tmp_path: Path, port: int | None = None) -> ClusterStore:
-    port = port or _free_port()
+    port = port or free_port()
     return ClusterStore(self_address=f"127.0.0.1:{port}", partners=[],
                         journal_file=tmp_path / "raft.journal",
                         snapshot_file=tmp_path / "raft.snapshot",
                         secret="test-cluster-secret", bind_host="127.0.0.1")
-
-
-def _raft_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "gpumesh-raft"]
 
 
 def _run(tmp_path: Path, body, port: int | None = None):
@@ -57,7 +47,7 @@ MODEL = {"op": "create_model", "model": {"name": "m1", "backend": "llama.cpp", "
 @pytest.fixture(autouse=True)
 def no_thread_left_behind():
     yield
-    assert _raft_threads() == []
+    assert raft_threads() == []
 
 
 # --- lifecycle -----------------------------------------------------------------------------
@@ -68,7 +58,7 @@ def test_start_wait_ready_and_status(tmp_path):
         assert status.ready and status.is_leader and status.has_quorum
         assert status.leader == status.self_address
         assert status.members == (status.self_address,)
-        assert _raft_threads() and _raft_threads()[0].is_alive()
+        assert raft_threads() and raft_threads()[0].is_alive()
         assert status.to_dict()["members"] == [status.self_address]
         return store.view
     view = _run(tmp_path, body)
@@ -81,10 +71,10 @@ def test_stop_joins_the_tick_thread_and_later_submits_fail(tmp_path):
         await store.start()
         await store.wait_ready(READY_TIMEOUT)
         await store.submit(NODE)
-        thread = _raft_threads()[0]
+        thread = raft_threads()[0]
         await store.stop()
         assert not thread.is_alive()
-        assert _raft_threads() == []
+        assert raft_threads() == []
         with pytest.raises(StateUnavailable, match="not running"):
             await store.submit(MODEL)
         await store.stop()              # a second stop is harmless
@@ -217,7 +207,7 @@ def test_wait_changed_times_out_without_a_write(tmp_path):
 # --- restart ---------------------------------------------------------------------------------
 
 def test_restart_from_the_journal_restores_the_state(tmp_path):
-    port = _free_port()
+    port = free_port()
 
     async def write(store):
         await store.submit(NODE)
@@ -242,8 +232,8 @@ def test_restart_from_the_journal_restores_the_state(tmp_path):
 def test_without_quorum_wait_ready_and_submit_fail_in_time(tmp_path):
     # A two-member group whose partner never starts: no leader can be elected.
     async def main():
-        store = ClusterStore(self_address=f"127.0.0.1:{_free_port()}",
-                             partners=[f"127.0.0.1:{_free_port()}"],
+        store = ClusterStore(self_address=f"127.0.0.1:{free_port()}",
+                             partners=[f"127.0.0.1:{free_port()}"],
                              journal_file=tmp_path / "raft.journal",
                              snapshot_file=tmp_path / "raft.snapshot",
                              secret="test-cluster-secret", bind_host="127.0.0.1")
