@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import aiohttp
 
 from .instance import InstanceSupervisor
-from .state import ClusterStore, StateView
+from .state import ClusterStore, CommandRejected, StateView
 
 __all__ = ["NodeAgent"]
 
@@ -34,6 +35,22 @@ class NodeAgent:
         self._log_dir = log_dir
         self._supervisors: dict[str, InstanceSupervisor] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+
+    async def recover(self) -> None:
+        """Before serving: this process has just started, so none of this node's instances
+        runs, whatever the journal recorded before a restart or a crash. Saying so first
+        keeps the gateway off dead ports and `deploy --wait` from trusting an old "running".
+        """
+        for instance in list(self._store.view.instances_on(self._node_id)):
+            if instance["state"] == "scheduled":
+                continue
+            try:
+                await self._store.submit({
+                    "op": "update_instance", "id": instance["id"], "node_id": self._node_id,
+                    "changes": {"state": "scheduled", "port": None, "pid": None,
+                                "reason": "node restarted", "updated": time.time()}})
+            except CommandRejected:
+                pass                     # removed meanwhile: nothing to recover
 
     async def run(self) -> None:
         """Reconcile on every state change until cancelled."""

@@ -179,6 +179,7 @@ class Daemon:
         self.agent = NodeAgent(node_id=self.node_id, store=self.store, session=self.session,
                                model_cache=self.data.root / "models",
                                log_dir=self.data.root / "logs")
+        await self.agent.recover()                  # before the site binds: no stale "running"
         async with _owned_task(self.agent.run(), "node-agent"):
             yield
         await self.agent.stop()

@@ -214,6 +214,7 @@ def test_ctrl_c_stops_every_engine_and_restart_serves_again(daemon: Daemon) -> N
     assert daemon.process is not None
     engines = children_of(daemon.process.pid)
     assert engines, "the engine should be a child of the daemon"
+    old_pid = daemon.wait_model("tiny")["instances"][0]["pid"]
     first_output = daemon.output()
 
     assert daemon.stop() == 0                             # Ctrl-C
@@ -223,6 +224,8 @@ def test_ctrl_c_stops_every_engine_and_restart_serves_again(daemon: Daemon) -> N
     assert not any(pid_alive(p) for p in engines), "an engine outlived the daemon"
 
     daemon.start()                                        # same data dir, same ports
+    first_look = daemon.api("/api/models/tiny")[1]["instances"][0]
+    assert first_look["pid"] != old_pid                   # the journal's "running" is not trusted
     restarted_output = daemon.output()[len(first_output):]
     assert "Admin API key" not in restarted_output        # the key is shown only once
     model = daemon.wait_model("tiny", timeout=30)         # back without a new deploy
@@ -277,6 +280,7 @@ def test_kill_9_of_the_daemon_takes_its_engine_along_and_loses_nothing(
         assert node.process is not None
         engines = children_of(node.process.pid)
         assert engines
+        old_pid = node.wait_model("tiny")["instances"][0]["pid"]
         node.stop(signal.SIGKILL)                           # no clean shutdown at all
         deadline = time.monotonic() + 5
         while any(pid_alive(p) for p in engines) and time.monotonic() < deadline:
@@ -284,6 +288,8 @@ def test_kill_9_of_the_daemon_takes_its_engine_along_and_loses_nothing(
         assert not any(pid_alive(p) for p in engines), "an engine outlived a killed daemon"
 
         node.start()                                        # the journal has everything
+        first_look = node.api("/api/models/tiny")[1]["instances"][0]
+        assert first_look["pid"] != old_pid                 # no stale "running" from before
         assert node.wait_model("tiny", timeout=30)["ready_replicas"] == 1
         reply = client(node).chat.completions.create(model="tiny", messages=CHAT, max_tokens=16,
                                                      extra_body={"grammar": GRAMMAR})
