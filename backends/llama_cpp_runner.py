@@ -9,9 +9,10 @@ serves GGUF models on the CPU (or on the GPUs of a CUDA/HIP wheel) with nothing 
 
 Lifecycle, in order:
 
-1. Ask the kernel for SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`), and watch
+1. Ask the kernel for SIGKILL when the parent dies (Linux `PR_SET_PDEATHSIG`), and watch
    `getppid()` as a second line: an engine never outlives the gpumesh daemon that started
-   it, even when the daemon is killed with SIGKILL.
+   it, even when the daemon is killed with SIGKILL. No graceful stop then: nobody waits
+   for one, and llama.cpp's shutdown can take seconds.
 2. Load the model and bind the port. Loading is one blocking C call that Python signal
    handlers cannot interrupt, so SIGTERM/SIGINT keep their default action (die at once)
    until the model is up: there is nothing to clean up yet. A stop in this phase ends
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--list-devices" in (sys.argv[1:] if argv is None else argv):
         return _list_devices()
     args = _parser().parse_args(argv)
-    request_parent_death_signal(signal.SIGTERM)
+    request_parent_death_signal(signal.SIGKILL)
     parent_pid = os.getppid()
     # The supervisor names itself: if it died before the line above, our parent is already
     # someone else (init), and the death signal will never come.
@@ -204,8 +205,9 @@ def _wait_for_stop(stop: threading.Event, parent_pid: int) -> None:
     # main() through SUPERVISOR_PID_ENV.
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent_pid:
-            print(f"{_PREFIX} parent process {parent_pid} is gone, stopping", file=sys.stderr, flush=True)
-            return
+            print(f"{_PREFIX} parent process {parent_pid} is gone, exiting", file=sys.stderr,
+                  flush=True)
+            os._exit(1)    # as PR_SET_PDEATHSIG would: no graceful stop for nobody
 
 
 def _arm_forced_exit() -> None:
