@@ -7,13 +7,15 @@ The daemon logs these as they replicate, so every node's log tells the cluster's
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .state import ClusterStore, RaftStatus, StateView
 
 __all__ = ["describe_changes", "log_state_changes"]
 
 log = logging.getLogger("gpumesh.events")
+
+Record = dict[str, Any]
 
 
 def describe_changes(old: StateView, new: StateView) -> list[str]:
@@ -51,7 +53,9 @@ def _instance_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return f"{old['state']} → {new['state']}{detail}"
 
 
-def _diff(old: dict[str, dict], new: dict[str, dict], kind: str, label, change) -> list[str]:
+def _diff(old: dict[str, Record], new: dict[str, Record], kind: str,
+          label: Callable[[Record], str],
+          change: Callable[[Record, Record], str | None]) -> list[str]:
     lines = [f"{kind} {label(new[k])} added" for k in new.keys() - old.keys()]
     lines += [f"{kind} {label(old[k])} removed" for k in old.keys() - new.keys()]
     for key in old.keys() & new.keys():

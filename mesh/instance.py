@@ -81,7 +81,7 @@ class InstanceSupervisor:
             try:
                 await self._run_once()
                 return                          # the instance left the state: nothing to do
-            except (InstanceFailed, Exception) as exc:
+            except Exception as exc:
                 if not isinstance(exc, InstanceFailed):   # a bug: keep the traceback
                     log.exception("instance %s: unexpected error", self.instance_id)
                 failures += 1
@@ -113,7 +113,9 @@ class InstanceSupervisor:
             gpu_indices=tuple(allocation.get("gpu_indices", ())),
             context_length=model.get("context_length"), extra_args=tuple(model.get("args", ())))
         try:
-            spec = backend.launch(request)
+            # Off the loop: a backend may read the model's headers (llama.cpp reads the
+            # GGUF context length; ~50 ms for a 150k-token vocabulary).
+            spec = await asyncio.to_thread(backend.launch, request)
         except (BackendUnavailable, ModelFileError, ValueError) as exc:
             raise InstanceFailed(str(exc)) from None
         await self._launch(spec.argv, spec.env)

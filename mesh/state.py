@@ -295,7 +295,6 @@ class ClusterStore:
             raise CommandRejected(result.get("code", "rejected"), result["error"])
         return result
 
-
     def _count_in_flight(self, delta: int) -> None:
         with self._in_flight_lock:
             self._in_flight += delta

@@ -8,6 +8,7 @@ pins the engine's output so the answer can be asserted exactly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -53,8 +54,8 @@ def client(node: Daemon, key: str | None = None) -> openai.OpenAI:
 def test_first_start_prints_where_it_listens_and_the_admin_key_once(daemon: Daemon) -> None:
     out = daemon.output()
     assert f"OpenAI API   {daemon.url}/v1" in out
-    node_id = (daemon.data_dir / "node.json").read_text()
-    assert "node " in out and node_id.split('"')[3] in out
+    node_id = json.loads((daemon.data_dir / "node.json").read_text())["id"]
+    assert f"· node {node_id} (" in out
     assert daemon.admin_key in out                       # shown once, on first start
     assert stat.S_IMODE(os.stat(daemon.data_dir / "admin.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(daemon.data_dir).st_mode) == 0o700
