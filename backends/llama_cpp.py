@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from gpumesh.backends.base import Backend, BackendUnavailable, LaunchRequest, LaunchSpec
-from gpumesh.mesh.modelfiles import context_length_for, read_gguf_metadata, resolve_model_file
+from gpumesh.modelfiles import context_length_for, read_gguf_metadata, resolve_model_file
 
 __all__ = ["LlamaCppBackend", "LLAMA_SERVER_ENV", "RUNNER_MODULE"]
 

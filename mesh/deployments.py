@@ -16,7 +16,7 @@ from typing import Any
 
 from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_backend
 
-from . import modelfiles
+from gpumesh import modelfiles
 from .sources import SourceError, parse_source, remote_size_bytes
 
 __all__ = ["DeploymentError", "MAX_REPLICAS", "build_model_record", "validate_replicas"]

@@ -27,7 +27,7 @@ import aiohttp
 from gpumesh.backends.base import SUPERVISOR_PID_ENV, BackendUnavailable, LaunchRequest
 from gpumesh.backends.registry import get_backend
 
-from .modelfiles import ModelFileError, resolve_model_file
+from gpumesh.modelfiles import ModelFileError, resolve_model_file
 from .sources import SourceError, fetch_source
 from .state import ClusterStore, CommandRejected, StateUnavailable
 

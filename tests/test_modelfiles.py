@@ -12,7 +12,7 @@ import gguf
 import pytest
 from tinymodels import write_tiny_gguf
 
-from gpumesh.mesh.modelfiles import (
+from gpumesh.modelfiles import (
     DEFAULT_CONTEXT_LENGTH,
     MAX_ARRAY_ITEMS,
     OVERHEAD_FIXED_BYTES,

@@ -1,0 +1,43 @@
+"""`gpumesh up`: run the daemon on this machine, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from ..config import Config, ConfigError
+
+__all__ = ["register"]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ..daemon import configure_logging, run_daemon   # the daemon's imports only when needed
+
+    flags = {name: getattr(args, name) for name in
+             ("data_dir", "host", "api_port", "raft_port", "node_name", "gpu_probe",
+              "reserved_memory_mib", "log_level")}
+    try:
+        config = Config.from_sources(flags)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    return asyncio.run(run_daemon(config))
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the daemon on this machine (foreground)")
+    up.add_argument("--data-dir", help="state, keys and logs (default ~/.local/share/gpumesh; "
+                    "env GPUMESH_DATA_DIR)")
+    up.add_argument("--host", help="address for the API and Raft ports (default 127.0.0.1)")
+    up.add_argument("--api-port", type=int, help="API port (default 8470)")
+    up.add_argument("--raft-port", type=int, help="Raft port (default 8471)")
+    up.add_argument("--node-name", help="a name for people (default: the hostname)")
+    up.add_argument("--gpu-probe", choices=["auto", "nvidia", "amd", "cpu"],
+                    help="which GPUs to look for (default auto: NVIDIA, then AMD, then none)")
+    up.add_argument("--reserved-memory-mib", type=int,
+                    help="RAM the scheduler leaves to the system (default 1024)")
+    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    up.set_defaults(command="up", handler=cmd_up)

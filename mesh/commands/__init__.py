@@ -1,0 +1,57 @@
+"""Replicated commands: plain-data records and the deterministic function that applies them.
+
+Every change to the cluster state is one command, a msgpack-able dict `{"op": ..., ...}`.
+`apply_command` runs on every node in the same order (Raft), so it must be deterministic:
+no clocks, no randomness, no I/O. Timestamps and ids are chosen by whoever *submits* the
+command and travel inside it.
+
+The state is a dict of collections (`nodes`, `models`, `instances`, `api_keys`), each a dict
+from id to record. Records are never mutated in place: a command builds new records and a
+new collection dict, and the caller swaps the top-level reference. Readers on other threads
+therefore always see a consistent, immutable snapshot without taking a lock.
+
+Conditions (compare-and-set) live here too, so that a retried or raced command is harmless:
+creating a model that exists fails, updating an instance that was deleted fails, an agent can
+only update instances assigned to its own node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import instances, keys, models, nodes
+from .common import CommandError, Handler, Result, State
+from .instances import INSTANCE_STATES
+
+__all__ = ["COLLECTIONS", "INSTANCE_STATES", "CommandError", "State", "apply_command",
+           "empty_state"]
+
+COLLECTIONS = ("nodes", "models", "instances", "api_keys")
+
+
+def empty_state() -> State:
+    return {name: {} for name in COLLECTIONS}
+
+
+def apply_command(state: State, command: dict[str, Any]) -> tuple[State, Result]:
+    """Apply one command; return the new state (old one untouched) and a result for the submitter."""
+    op = command.get("op", "")
+    handler = HANDLERS.get(op) if isinstance(op, str) else None   # a list op is unhashable
+    if handler is None:
+        return state, {"error": f"unknown command {command.get('op')!r}", "code": "bad_command"}
+    try:
+        changes, result = handler(state, command)
+    except CommandError as exc:
+        return state, {"error": str(exc), "code": exc.code}
+    except (KeyError, TypeError, ValueError) as exc:
+        # A malformed command must not stop the state machine on every node.
+        return state, {"error": f"malformed {command.get('op')} command: {exc!r}",
+                       "code": "bad_command"}
+    new_state = dict(state)
+    new_state.update(changes)
+    return new_state, result
+
+
+# One table of every command, assembled from the modules that own each collection.
+HANDLERS: dict[str, Handler] = {**nodes.HANDLERS, **models.HANDLERS, **instances.HANDLERS,
+                                **keys.HANDLERS}

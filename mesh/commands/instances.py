@@ -1,0 +1,61 @@
+"""Commands on the `instances` collection.
+
+The life of an instance: `scheduled` is written by the leader, the rest by the node agent
+that owns the instance (except that deleting a model removes its instances outright).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import CommandError, Result, State, refuse_identity_changes
+
+INSTANCE_STATES = ("scheduled", "downloading", "starting", "running", "error")
+
+
+def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    instance = dict(cmd["instance"])
+    if instance["model"] not in state["models"]:
+        raise CommandError("model_not_found", f"no model named {instance['model']!r}")
+    if instance["id"] in state["instances"]:
+        raise CommandError("instance_exists", f"instance {instance['id']!r} exists")
+    if instance["node_id"] not in state["nodes"]:
+        raise CommandError("node_not_found", f"no node {instance['node_id']!r}")
+    instances = dict(state["instances"])
+    instances[instance["id"]] = instance
+    return {"instances": instances}, {"ok": True, "instance": instance}
+
+
+
+def _update_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    current = state["instances"].get(cmd["id"])
+    if current is None:
+        raise CommandError("instance_not_found", f"no instance {cmd['id']!r}")
+    expected_node = cmd.get("node_id")
+    if expected_node is not None and current["node_id"] != expected_node:
+        raise CommandError("wrong_node", f"instance {cmd['id']!r} belongs to another node")
+    changes = cmd["changes"]
+    # Moving an instance is delete + create (by the leader), never an update: otherwise an
+    # agent could take over another node's instance past the wrong_node condition above.
+    refuse_identity_changes(changes, ("id", "model", "node_id"))
+    if "state" in changes and changes["state"] not in INSTANCE_STATES:
+        raise CommandError("bad_state", f"unknown instance state {changes['state']!r}")
+    instances = dict(state["instances"])
+    instances[cmd["id"]] = {**current, **changes}
+    return {"instances": instances}, {"ok": True, "instance": instances[cmd["id"]]}
+
+
+
+def _delete_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    if cmd["id"] not in state["instances"]:
+        raise CommandError("instance_not_found", f"no instance {cmd['id']!r}")
+    instances = {k: v for k, v in state["instances"].items() if k != cmd["id"]}
+    return {"instances": instances}, {"ok": True}
+
+
+
+HANDLERS = {
+    "create_instance": _create_instance,
+    "update_instance": _update_instance,
+    "delete_instance": _delete_instance,
+}

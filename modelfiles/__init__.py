@@ -1,0 +1,24 @@
+"""What a model on disk is: its format, its metadata, its kind and the memory it needs.
+
+Shared by the daemon (`gpumesh.mesh`: deployments, the scheduler) and the engines
+(`gpumesh.backends`), so it imports neither. The standard library only: it reads GGUF
+headers and Hugging Face `config.json` files, never tensor data.
+
+- `files`: format detection and the file an engine loads.
+- `gguf`: the GGUF header reader.
+- `estimate`: the memory estimate used for placement.
+- `kinds`: model kinds and the routes each answers.
+"""
+
+from .estimate import (DEFAULT_CONTEXT_LENGTH, OVERHEAD_FIXED_BYTES, OVERHEAD_FRACTION,
+                       MemoryEstimate, context_length_for, estimate_memory)
+from .files import ModelFileError, detect_format, resolve_model_file
+from .gguf import MAX_ARRAY_ITEMS, GGUFArray, read_gguf_metadata
+from .kinds import KINDS, ROUTES_BY_KIND, kind_serves
+
+__all__ = [
+    "DEFAULT_CONTEXT_LENGTH", "GGUFArray", "KINDS", "MAX_ARRAY_ITEMS", "MemoryEstimate",
+    "ModelFileError", "OVERHEAD_FIXED_BYTES", "OVERHEAD_FRACTION", "ROUTES_BY_KIND",
+    "context_length_for", "detect_format", "estimate_memory", "kind_serves",
+    "read_gguf_metadata", "resolve_model_file",
+]
