@@ -38,6 +38,9 @@ class LaunchRequest:
     gpu_indices: tuple[int, ...] = ()      # devices this instance may use
     context_length: int | None = None      # None: the backend's default
     extra_args: tuple[str, ...] = ()       # passed through from the deployment spec
+    # A per-instance key that only the gateway knows: engines that can check a bearer key
+    # are started with it, so nothing else on the host can call them. None: no key.
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
