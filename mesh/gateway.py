@@ -7,7 +7,10 @@ byte, streamed as it arrives. The body is parsed once to find `model`, never re-
 Engines listen on loopback only. An instance on this node is called directly; one on another
 node is reached through that node's gateway, with the caller's own key (valid cluster-wide)
 and `X-Gpumesh-Instance` naming the instance, so the peer hands it to its local engine.
-A connection that fails before the first byte is retried on another instance.
+Nothing reaches the client before the engine's first byte: an instance that cannot be
+reached, or dies before that byte (refused, reset, a body cut short, a peer gateway that
+says its instance is gone), is retried on another instance; that is what keeps requests
+alive while a node or the leader dies.
 """
 
 from __future__ import annotations
@@ -31,9 +34,16 @@ log = logging.getLogger("gpumesh.gateway")
 # Paths relayed to engines as they are. Each is an OpenAI endpoint a backend may serve.
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 INSTANCE_HEADER = "X-Gpumesh-Instance"
+# A peer gateway's answer that says "my instance is gone, nothing was sent to the client":
+# the forwarding gateway tries another instance instead of relaying the error.
+RETRY_HEADER = "X-Gpumesh-Retry"
 _MAX_ATTEMPTS = 3
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
                 "date", "content-encoding"}
+
+
+class _TryAnotherInstance(Exception):
+    """This instance failed before anything reached the client: another one may answer."""
 
 
 class Gateway:
@@ -78,7 +88,7 @@ class Gateway:
                                 code="model_not_found", param="model")
         candidates = self._candidates(request, model_name)
         if not candidates:
-            return self._no_instance(model_name)
+            return self._no_instance(model_name, pinned=INSTANCE_HEADER in request.headers)
         # llama.cpp closes the connection a few ms after every streamed answer, although it
         # announced keep-alive: a pooled connection would be stale for the next request.
         # Streams therefore ask for `Connection: close` and never go back to the pool.
@@ -87,11 +97,13 @@ class Gateway:
         for instance in candidates[:_MAX_ATTEMPTS]:
             try:
                 return await self._forward_with_retry(request, instance, body, streamed)
-            except aiohttp.ClientConnectionError as exc:   # nothing has reached the client yet
+            except (aiohttp.ClientConnectionError, _TryAnotherInstance) as exc:
+                # Nothing has reached the client yet.
                 last_error = f"{instance['id']}: {exc}"
                 log.warning("instance %s unreachable, trying another: %s", instance["id"], exc)
         return openai_error(502, f"no instance of {model_name} answered ({last_error})",
-                            type_="server_error", code="upstream_unreachable")
+                            type_="server_error", code="upstream_unreachable",
+                            headers={RETRY_HEADER: "another-instance"})
 
     async def _forward_with_retry(self, request: web.Request, instance: dict[str, Any],
                                   body: bytes, close_after: bool) -> web.StreamResponse:
@@ -132,7 +144,7 @@ class Gateway:
         return sorted(running, key=lambda i: (self._outstanding[i["id"]],
                                               i["node_id"] != self._node_id, i["id"]))
 
-    def _no_instance(self, model_name: str) -> web.Response:
+    def _no_instance(self, model_name: str, pinned: bool = False) -> web.Response:
         model = self._store.view.models[model_name]
         states = Counter(i["state"] for i in self._store.view.instances_of(model_name))
         if model.get("schedule_error"):
@@ -141,9 +153,11 @@ class Gateway:
             why = "instances are " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         else:
             why = "no instance is scheduled yet"
+        headers = {"Retry-After": "5"}
+        if pinned:   # a peer's view of our instances may be a commit ahead of ours
+            headers[RETRY_HEADER] = "another-instance"
         return openai_error(503, f"The model '{model_name}' has no running instance: {why}",
-                            type_="server_error", code="model_not_ready",
-                            headers={"Retry-After": "5"})
+                            type_="server_error", code="model_not_ready", headers=headers)
 
     def _upstream_url(self, instance: dict[str, Any], path: str) -> tuple[str, dict[str, str]]:
         if instance["node_id"] == self._node_id:
@@ -162,6 +176,9 @@ class Gateway:
         self._outstanding[instance["id"]] += 1
         try:
             async with self._session.post(url, data=body, headers=headers) as upstream:
+                if extra and upstream.headers.get(RETRY_HEADER):
+                    raise _TryAnotherInstance(f"node {instance['node_id']}: "
+                                              f"HTTP {upstream.status}, its instance is gone")
                 return await self._relay_response(request, upstream)
         finally:
             self._outstanding[instance["id"]] -= 1
@@ -170,13 +187,30 @@ class Gateway:
 
     async def _relay_response(self, request: web.Request,
                               upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
-        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return web.Response(status=upstream.status, body=await upstream.read(),
-                                headers=headers)
+        headers = {k: v for k, v in upstream.headers.items()
+                   if k.lower() not in _HOP_HEADERS and k != RETRY_HEADER}
+        streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        try:
+            # The whole body, or a stream's first chunk, before the client sees anything: an
+            # engine that dies now has sent nothing the client could notice.
+            first = await (upstream.content.readany() if streamed else upstream.read())
+        except aiohttp.ClientError as exc:
+            raise _TryAnotherInstance(f"the answer broke before its first byte: {exc}") from None
+        if not streamed:
+            return web.Response(status=upstream.status, body=first, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
+        chunk = first
         while True:
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                # The client went away. Returning leaves `async with session.post(...)`,
+                # which closes the engine's connection: it stops generating for nobody.
+                log.info("client left during a stream from %s", upstream.url)
+                return response
             try:
                 chunk = await upstream.content.readany()
             except aiohttp.ClientError as exc:
@@ -186,15 +220,6 @@ class Gateway:
                 log.warning("stream from %s broke after the first byte: %s", upstream.url, exc)
                 if request.transport is not None:
                     request.transport.close()
-                return response
-            if not chunk:
-                break
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                # The client went away. Returning leaves `async with session.post(...)`,
-                # which closes the engine's connection: it stops generating for nobody.
-                log.info("client left during a stream from %s", upstream.url)
                 return response
         await response.write_eof()
         return response
