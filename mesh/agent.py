@@ -34,7 +34,9 @@ class NodeAgent:
         self._model_cache = model_cache
         self._log_dir = log_dir
         self._supervisors: dict[str, InstanceSupervisor] = {}
-        self._stopping: set[asyncio.Task[None]] = set()
+        # Supervisors told to stop whose engines may still be exiting: a second Ctrl-C
+        # (kill_now) must still reach them.
+        self._stopping: dict[InstanceSupervisor, asyncio.Task[None]] = {}
 
     async def recover(self) -> None:
         """Before serving: this process has just started, so none of this node's instances
@@ -69,22 +71,25 @@ class NodeAgent:
             self._supervisors[instance_id] = supervisor
             supervisor.start()
         for instance_id in self._supervisors.keys() - wanted:
-            supervisor = self._supervisors.pop(instance_id)
             log.info("instance %s is no longer assigned here; stopping it", instance_id)
-            task = asyncio.create_task(supervisor.stop(), name=f"stop-{instance_id}")
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._begin_stop(instance_id)
+
+    def _begin_stop(self, instance_id: str) -> None:
+        supervisor = self._supervisors.pop(instance_id)
+        task = asyncio.create_task(supervisor.stop(), name=f"stop-{instance_id}")
+        self._stopping[supervisor] = task
+        task.add_done_callback(lambda _: self._stopping.pop(supervisor, None))
 
     async def stop(self) -> None:
         """Stop every engine this node runs and wait until they are gone."""
-        supervisors = list(self._supervisors.values())
-        self._supervisors.clear()
-        await asyncio.gather(*(s.stop() for s in supervisors), *self._stopping,
-                             return_exceptions=True)
+        for instance_id in list(self._supervisors):
+            self._begin_stop(instance_id)
+        await asyncio.gather(*self._stopping.values(), return_exceptions=True)
 
     def kill_now(self) -> None:
-        """The user insisted (second Ctrl-C): SIGKILL every engine without waiting."""
-        for supervisor in self._supervisors.values():
+        """The user insisted (second Ctrl-C): SIGKILL every engine without waiting, those
+        already stopping included."""
+        for supervisor in [*self._supervisors.values(), *self._stopping]:
             supervisor.kill_now()
 
     @property

@@ -151,11 +151,20 @@ class Daemon:
 
     async def _probe_part(self, app: web.Application) -> AsyncIterator[None]:
         """What this machine has: GPUs (or none), and what each engine installed here can use."""
-        self.probe, self.backends = await asyncio.gather(
+        probe, backends = await asyncio.gather(
             asyncio.to_thread(open_probe, self.config.gpu_probe),
-            asyncio.to_thread(describe_backends))
-        yield
-        await asyncio.to_thread(self.probe.close)
+            asyncio.to_thread(describe_backends), return_exceptions=True)
+        if isinstance(backends, BaseException):
+            if not isinstance(probe, BaseException):
+                await asyncio.to_thread(probe.close)     # opened, and nobody else will close it
+            raise backends
+        if isinstance(probe, BaseException):
+            raise probe
+        self.probe, self.backends = probe, backends
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(probe.close)
 
     async def _store_part(self, app: web.Application) -> AsyncIterator[None]:
         await self.store.start()

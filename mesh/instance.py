@@ -166,8 +166,11 @@ class InstanceSupervisor:
         raise InstanceFailed(f"the engine was not healthy within {STARTUP_TIMEOUT_S:.0f} s")
 
     async def _terminate(self, grace: float) -> None:
-        process, self._process = self._process, None
+        # `_process` stays set until the engine is gone, so kill_now() (a second Ctrl-C)
+        # still reaches an engine that is taking its grace period.
+        process = self._process
         if process is None or process.returncode is not None:
+            self._process = None
             return
         _signal_group(process.pid, signal.SIGTERM)
         try:
@@ -177,6 +180,9 @@ class InstanceSupervisor:
                         self.instance_id, grace)
             _signal_group(process.pid, signal.SIGKILL)
             await process.wait()
+        finally:
+            if self._process is process:
+                self._process = None
 
     async def _report(self, state: str, **changes: Any) -> None:
         command = {"op": "update_instance", "id": self.instance_id, "node_id": self._node_id,
