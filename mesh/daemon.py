@@ -39,6 +39,7 @@ from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler, format_bytes
 from .state import ClusterStore, CommandRejected, StateUnavailable
+from .telemetry import TELEMETRY, TelemetrySampler, add_telemetry_routes
 
 __all__ = ["Daemon", "http_app", "run_daemon"]
 
@@ -77,6 +78,7 @@ class Daemon:
         self.backends: list[dict[str, object]] = []   # this node's engines, described once
         self.session: aiohttp.ClientSession | None = None
         self.agent: NodeAgent | None = None
+        self.telemetry = TelemetrySampler()
         self._stop = asyncio.Event()
         self._signals = 0
 
@@ -141,8 +143,9 @@ class Daemon:
         assert self.session is not None
         app = http_app(self.store, self.node_id, self.session, self.started,
                        lambda: self.backends)
+        app[TELEMETRY] = self.telemetry             # routes read it; started by its part
         app.cleanup_ctx.extend([
-            self._probe_part, self._store_part, self._membership_part,
+            self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
             self._agent_part, self._reconciler_part, self._event_log_part,
         ])
         return app
@@ -165,6 +168,13 @@ class Daemon:
             yield
         finally:
             await asyncio.to_thread(probe.close)
+
+    async def _telemetry_part(self, app: web.Application) -> AsyncIterator[None]:
+        """Per-second readings of this node, from start-up until the probe closes."""
+        assert self.probe is not None
+        self.telemetry.start(self.probe)
+        yield
+        await asyncio.to_thread(self.telemetry.stop)
 
     async def _store_part(self, app: web.Application) -> AsyncIterator[None]:
         await self.store.start()
@@ -280,6 +290,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     app = web.Application(middlewares=[error_middleware, api.require_admin],
                           client_max_size=16 << 20)
     api.add_routes(app)
+    add_telemetry_routes(app, node_id)
     Gateway(store, node_id, session).add_routes(app)
     return app
 
