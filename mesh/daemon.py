@@ -29,6 +29,7 @@ from gpumesh.backends.registry import describe_backends
 
 from .agent import NodeAgent
 from .api import ManagementApi
+from .api_events import EventStream
 from .auth import ADMIN, new_api_key
 from .config import Config
 from .datadir import DataDir, DataDirInUse, DataDirLock
@@ -291,6 +292,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
                           client_max_size=16 << 20)
     api.add_routes(app)
     add_telemetry_routes(app, node_id)
+    EventStream(store, node_id, session).add_routes(app)
     Gateway(store, node_id, session).add_routes(app)
     return app
 

@@ -1,0 +1,291 @@
+"""`GET /api/events`: one Server-Sent Events stream with everything a console shows live.
+
+Why SSE and not a WebSocket: the stream only flows from the node to the console (commands
+go through the ordinary REST routes), so SSE is enough; it is plain HTTP, so the admin
+middleware, the OpenAI-shaped errors and any proxy apply unchanged; `curl -N` can read it;
+and aiohttp's client reads it line by line with no extra protocol.
+
+What flows, in order (each an SSE `event:` with one JSON `data:` line):
+
+* `snapshot` — the whole picture once, on connect: this node's id, the Raft status, nodes,
+  models (their summaries), instances and API keys (never their hashes), and a version.
+* `change` — every replicated change since the last one sent, as records to upsert or ids to
+  remove per collection, plus the same change in words (`events.describe_changes`). Changes
+  that land faster than the client reads are coalesced (diffed from the last view *sent*).
+* `raft` — the Raft status (leader, term, quorum, members) whenever it differs.
+* `telemetry` — once a second: every node's GPUs, fetched from each node's `/api/telemetry`
+  with the caller's own key (fan-out). A node that does not answer is reported at once
+  (`ok: false`), which is how a node going away shows before liveness marks it. A node
+  without that route (an older node) reports its inventory from the replicated state.
+
+`?telemetry=0` leaves telemetry out (a keep-alive comment is sent every 15 s instead).
+Each open stream owns two small tasks (the state watcher and the sampler); they hold only
+the latest value, so a slow reader costs no memory. The daemon's shutdown closes the streams
+(`on_shutdown`), so an open console never holds a stopping node up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .api import model_summary
+from .auth import key_from_request
+from .events import describe_changes
+from .state import ClusterStore, StateView
+
+__all__ = ["EventStream", "public_snapshot", "state_changes"]
+
+log = logging.getLogger("gpumesh.events")
+
+TELEMETRY_PERIOD_S = 1.0
+_KEEPALIVE_S = 15.0
+# A node must answer its telemetry within this, or it counts as unreachable for this tick.
+_FETCH_TIMEOUT_S = 0.8
+
+Record = dict[str, Any]
+
+
+class EventStream:
+    """The `/api/events` route and the streams it has open."""
+
+    def __init__(self, store: ClusterStore, node_id: str, session: aiohttp.ClientSession):
+        self._store = store
+        self._node_id = node_id
+        self._session = session
+        self._open: weakref.WeakSet[_Stream] = weakref.WeakSet()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/events", self.events)
+        app.on_shutdown.append(self._close_all)
+
+    async def _close_all(self, app: web.Application) -> None:
+        for stream in list(self._open):
+            stream.close()
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        telemetry = request.query.get("telemetry", "1") not in ("0", "false", "no")
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        sampler = _Sampler(self._store, self._session, key_from_request(request) or "")
+        stream = _Stream(self._store, self._node_id, response, sampler if telemetry else None)
+        self._open.add(stream)
+        try:
+            await stream.run()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass                                    # the client left; nothing to tell it
+        return response
+
+
+class _Stream:
+    """One client's stream: wakes on a state change, a telemetry sample or a close."""
+
+    def __init__(self, store: ClusterStore, node_id: str, response: web.StreamResponse,
+                 sampler: _Sampler | None) -> None:
+        self._store = store
+        self._node_id = node_id
+        self._response = response
+        self._sampler = sampler
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._state_pending = False
+        self._keepalive_due = False
+        self._sample: Record | None = None
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        sent = self._store.view
+        raft = self._store.status.to_dict()
+        await self._send("snapshot", public_snapshot(sent, raft, self._node_id))
+        async with self._owned(self._watch_state(sent.version)), \
+                self._owned(self._produce_samples()):
+            while not self._closing:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._keepalive_due:
+                    self._keepalive_due = False
+                    await self._response.write(b": keep-alive\n\n")
+                if self._state_pending:
+                    self._state_pending = False
+                    sent = await self._send_changes(sent)
+                if _raft_news(now := self._store.status.to_dict(), raft):
+                    raft = now
+                    await self._send("raft", raft)
+                if self._sample is not None:
+                    sample, self._sample = self._sample, None
+                    await self._send("telemetry", sample)
+
+    async def _send_changes(self, sent: StateView) -> StateView:
+        view = self._store.view
+        if view.version == sent.version:
+            return sent
+        changes = state_changes(sent, view)
+        if changes:
+            await self._send("change", {"version": view.version, "changes": changes,
+                                        "log": describe_changes(sent, view)})
+        return view
+
+    async def _watch_state(self, version: int) -> None:
+        while True:
+            version = (await self._store.wait_changed(version)).version
+            self._state_pending = True
+            self._wake.set()
+
+    async def _produce_samples(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sampler is None:
+            while True:                             # no telemetry: keep proxies from idling out
+                await asyncio.sleep(_KEEPALIVE_S)
+                self._keepalive_due = True
+                self._wake.set()
+        deadline = loop.time()
+        while True:
+            self._sample = await self._sampler.sample()
+            self._wake.set()
+            deadline = max(deadline + TELEMETRY_PERIOD_S, loop.time())   # steady 1 Hz, no burst
+            await asyncio.sleep(deadline - loop.time())
+
+    def _producer_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an /api/events producer failed; closing the stream",
+                      exc_info=task.exception())
+        self.close()
+
+    async def _send(self, event: str, data: Any) -> None:
+        payload = json.dumps(data, separators=(",", ":"))
+        await self._response.write(f"event: {event}\ndata: {payload}\n\n".encode())
+
+    @contextlib.asynccontextmanager
+    async def _owned(self, coro: Any) -> AsyncIterator[None]:
+        """A producer task that lives as long as the stream; if it fails, the stream ends
+        (a silent stream would look alive to the console)."""
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._producer_done)
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class _Sampler:
+    """Fans out to every node's `/api/telemetry` with the caller's key."""
+
+    def __init__(self, store: ClusterStore, session: aiohttp.ClientSession, key: str) -> None:
+        self._store = store
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {key}"}
+
+    async def sample(self) -> Record:
+        nodes = list(self._store.view.nodes.values())
+        readings = await asyncio.gather(*(self._read(node) for node in nodes))
+        return {"t": time.time(), "nodes": {n["id"]: r for n, r in zip(nodes, readings)}}
+
+    async def _read(self, node: Record) -> Record:
+        if node.get("status") == "stopped":
+            return {"ok": False, "error": "stopped"}
+        try:
+            async with self._session.get(
+                    node["api_url"] + "/api/telemetry", headers=self._headers,
+                    timeout=aiohttp.ClientTimeout(total=_FETCH_TIMEOUT_S)) as reply:
+                if reply.status == 404:
+                    return _from_inventory(node)    # a node without the telemetry route
+                if reply.status != 200:
+                    return {"ok": False, "error": f"HTTP {reply.status}"}
+                return _normalise(await reply.json(), node)
+        except asyncio.TimeoutError:
+            return {"ok": False, "error": "no answer within "
+                                          f"{_FETCH_TIMEOUT_S * 1000:.0f} ms"}
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return {"ok": False, "error": f"unreachable ({type(exc).__name__})"}
+
+
+# --- what the stream says -------------------------------------------------------------------
+
+def public_snapshot(view: StateView, raft: Record, node_id: str) -> Record:
+    return {"node_id": node_id, "version": view.version, "raft": raft,
+            "nodes": sorted(view.nodes.values(), key=lambda n: n["name"]),
+            "models": [_model(view, name) for name in sorted(view.models)],
+            "instances": sorted(view.instances.values(), key=lambda i: i["id"]),
+            "api_keys": sorted((_key(k) for k in view.api_keys.values()),
+                               key=lambda k: k["id"])}
+
+
+def state_changes(old: StateView, new: StateView) -> list[Record]:
+    """Structured changes from `old` to `new`: `{collection, op: upsert|remove, id, record}`.
+
+    A model's summary depends on its instances (status, ready replicas), so a change to an
+    instance re-sends its model too."""
+    changes = _diff("nodes", old.nodes, new.nodes, lambda r: r["id"], lambda r: r)
+    changes += _diff("instances", old.instances, new.instances, lambda r: r["id"], lambda r: r)
+    changes += _diff("api_keys", old.api_keys, new.api_keys, lambda r: r["id"], _key)
+    touched = {c["id"] for c in changes if c["collection"] == "instances"}
+    touched = {(new.instances.get(i) or old.instances[i])["model"] for i in touched}
+    touched |= {n for n in old.models.keys() | new.models.keys()
+                if old.models.get(n) != new.models.get(n)}
+    for name in sorted(touched):
+        if name in new.models:
+            changes.append({"collection": "models", "op": "upsert", "id": name,
+                            "record": _model(new, name)})
+        elif name in old.models:
+            changes.append({"collection": "models", "op": "remove", "id": name})
+    return changes
+
+
+def _diff(collection: str, old: dict[str, Record], new: dict[str, Record],
+          ident: Callable[[Record], str], public: Callable[[Record], Record]) -> list[Record]:
+    changes = [{"collection": collection, "op": "remove", "id": ident(old[k])}
+               for k in sorted(old.keys() - new.keys())]
+    # Records are replaced, never mutated (commands are copy-on-write): identity is the
+    # cheap test, equality the exact one (a node re-registering unchanged sends nothing).
+    changes += [{"collection": collection, "op": "upsert", "id": ident(new[k]),
+                 "record": public(new[k])}
+                for k in sorted(new) if old.get(k) is not new[k] and old.get(k) != new[k]]
+    return changes
+
+
+def _raft_news(new: Record, old: Record) -> bool:
+    """Leader, term, quorum or members changed (not the commit index, which every write moves)."""
+    return any(new[k] != old[k] for k in ("leader", "term", "has_quorum", "members", "ready"))
+
+
+def _model(view: StateView, name: str) -> Record:
+    summary = model_summary(view, name)
+    summary.pop("instances")                        # sent as their own collection
+    return summary
+
+
+def _key(record: Record) -> Record:
+    return {k: v for k, v in record.items() if k != "hash"}
+
+
+def _from_inventory(node: Record) -> Record:
+    inventory = node.get("inventory") or {}
+    return {"ok": True, "source": "inventory", "gpus": inventory.get("gpus", []),
+            "memory_total_bytes": inventory.get("memory_total_bytes"),
+            "memory_available_bytes": inventory.get("memory_available_bytes"),
+            "cpu_percent": None}
+
+
+def _normalise(body: Any, node: Record) -> Record:
+    """A node's telemetry reading, in the shape the stream promises."""
+    latest = body.get("latest", body) if isinstance(body, dict) else {}
+    if not isinstance(latest, dict) or not isinstance(latest.get("gpus"), list):
+        return _from_inventory(node)
+    return {"ok": True, "source": "telemetry", "gpus": latest["gpus"],
+            "memory_total_bytes": latest.get("memory_total_bytes"),
+            "memory_available_bytes": latest.get("memory_available_bytes"),
+            "cpu_percent": latest.get("cpu_percent")}
