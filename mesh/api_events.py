@@ -13,10 +13,13 @@ What flows, in order (each an SSE `event:` with one JSON `data:` line):
   remove per collection, plus the same change in words (`events.describe_changes`). Changes
   that land faster than the client reads are coalesced (diffed from the last view *sent*).
 * `raft` — the Raft status (leader, term, quorum, members) whenever it differs.
-* `telemetry` — once a second: every node's GPUs, fetched from each node's `/api/telemetry`
-  with the caller's own key (fan-out). A node that does not answer is reported at once
-  (`ok: false`), which is how a node going away shows before liveness marks it. A node
-  without that route (an older node) reports its inventory from the replicated state.
+* `telemetry` — once a second: every node's latest sample (GPUs, CPU, memory), fetched from
+  each node's `/api/telemetry` with the caller's own key (fan-out). A node that does not
+  answer within 0.8 s is reported at once (`ok: false` and why), which is how a node going
+  away shows before liveness marks it. A node without a sampler (an older node, or an app
+  served without the daemon's parts) reports the inventory it registered (`source`).
+* `telemetry_history` — with `?history=SECONDS` (up to 600), once after the snapshot: every
+  node's samples of that window (GPU readings only), so a console's charts start full.
 
 `?telemetry=0` leaves telemetry out (a keep-alive comment is sent every 15 s instead).
 Each open stream owns two small tasks (the state watcher and the sampler); they hold only
@@ -39,6 +42,7 @@ from aiohttp import web
 
 from .api import model_summary
 from .auth import key_from_request
+from .errors import openai_error
 from .events import describe_changes
 from .state import ClusterStore, StateView
 
@@ -48,6 +52,7 @@ log = logging.getLogger("gpumesh.events")
 
 TELEMETRY_PERIOD_S = 1.0
 _KEEPALIVE_S = 15.0
+_MAX_HISTORY_S = 600.0            # what a node's telemetry ring keeps
 # A node must answer its telemetry within this, or it counts as unreachable for this tick.
 _FETCH_TIMEOUT_S = 0.8
 
@@ -73,12 +78,20 @@ class EventStream:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         telemetry = request.query.get("telemetry", "1") not in ("0", "false", "no")
+        try:
+            history = float(request.query.get("history", "0"))
+        except ValueError:
+            history = -1.0
+        if not 0 <= history <= _MAX_HISTORY_S:
+            return openai_error(400, f"history must be seconds from 0 to {_MAX_HISTORY_S:.0f}",
+                                param="history")
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no"})
         await response.prepare(request)
         sampler = _Sampler(self._store, self._session, key_from_request(request) or "")
-        stream = _Stream(self._store, self._node_id, response, sampler if telemetry else None)
+        stream = _Stream(self._store, self._node_id, response, sampler if telemetry else None,
+                         history)
         self._open.add(stream)
         try:
             await stream.run()
@@ -91,8 +104,10 @@ class _Stream:
     """One client's stream: wakes on a state change, a telemetry sample or a close."""
 
     def __init__(self, store: ClusterStore, node_id: str, response: web.StreamResponse,
-                 sampler: _Sampler | None) -> None:
+                 sampler: _Sampler | None, history_s: float = 0.0) -> None:
         self._store = store
+        self._history_s = history_s
+        self._history: Record | None = None
         self._node_id = node_id
         self._response = response
         self._sampler = sampler
@@ -124,6 +139,9 @@ class _Stream:
                 if _raft_news(now := self._store.status.to_dict(), raft):
                     raft = now
                     await self._send("raft", raft)
+                if self._history is not None:
+                    history, self._history = self._history, None
+                    await self._send("telemetry_history", history)
                 if self._sample is not None:
                     sample, self._sample = self._sample, None
                     await self._send("telemetry", sample)
@@ -151,6 +169,8 @@ class _Stream:
                 await asyncio.sleep(_KEEPALIVE_S)
                 self._keepalive_due = True
                 self._wake.set()
+        if self._history_s > 0:
+            self._history = await self._sampler.history(self._history_s)
         deadline = loop.time()
         while True:
             self._sample = await self._sampler.sample()
@@ -190,27 +210,42 @@ class _Sampler:
         self._headers = {"Authorization": f"Bearer {key}"}
 
     async def sample(self) -> Record:
-        nodes = list(self._store.view.nodes.values())
-        readings = await asyncio.gather(*(self._read(node) for node in nodes))
-        return {"t": time.time(), "nodes": {n["id"]: r for n, r in zip(nodes, readings)}}
+        """Every node's latest reading (a node's own sampler ticks at 1 Hz too)."""
+        since = time.time()                         # only `latest`: no history in the body
+        nodes, replies = await self._fan_out(since)
+        return {"t": time.time(),
+                "nodes": {n["id"]: _reading(n, r) for n, r in zip(nodes, replies)}}
 
-    async def _read(self, node: Record) -> Record:
+    async def history(self, seconds: float) -> Record:
+        """The last `seconds` of every node's samples, GPU readings only (names and totals
+        are in the snapshot and in every 1 Hz sample)."""
+        nodes, replies = await self._fan_out(time.time() - seconds)
+        return {"nodes": {n["id"]: [_compact(s) for s in r.get("samples", [])]
+                          for n, r in zip(nodes, replies) if isinstance(r, dict)}}
+
+    async def _fan_out(self, since: float) -> tuple[list[Record], list[Record | str | None]]:
+        nodes = list(self._store.view.nodes.values())
+        return nodes, await asyncio.gather(*(self._fetch(node, since) for node in nodes))
+
+    async def _fetch(self, node: Record, since: float) -> Record | str | None:
+        """The node's /api/telemetry body; None where it has no sampler (older node, or an
+        app served without the daemon's parts); else why it could not be read."""
         if node.get("status") == "stopped":
-            return {"ok": False, "error": "stopped"}
+            return "stopped"
         try:
             async with self._session.get(
-                    node["api_url"] + "/api/telemetry", headers=self._headers,
+                    node["api_url"] + "/api/telemetry", params={"since": f"{since:.3f}"},
+                    headers=self._headers,
                     timeout=aiohttp.ClientTimeout(total=_FETCH_TIMEOUT_S)) as reply:
-                if reply.status == 404:
-                    return _from_inventory(node)    # a node without the telemetry route
+                if reply.status in (404, 503):
+                    return None
                 if reply.status != 200:
-                    return {"ok": False, "error": f"HTTP {reply.status}"}
-                return _normalise(await reply.json(), node)
+                    return f"HTTP {reply.status}"
+                return await reply.json()
         except asyncio.TimeoutError:
-            return {"ok": False, "error": "no answer within "
-                                          f"{_FETCH_TIMEOUT_S * 1000:.0f} ms"}
+            return f"no answer within {_FETCH_TIMEOUT_S * 1000:.0f} ms"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return {"ok": False, "error": f"unreachable ({type(exc).__name__})"}
+            return f"unreachable ({type(exc).__name__})"
 
 
 # --- what the stream says -------------------------------------------------------------------
@@ -272,20 +307,32 @@ def _key(record: Record) -> Record:
     return {k: v for k, v in record.items() if k != "hash"}
 
 
-def _from_inventory(node: Record) -> Record:
-    inventory = node.get("inventory") or {}
-    return {"ok": True, "source": "inventory", "gpus": inventory.get("gpus", []),
-            "memory_total_bytes": inventory.get("memory_total_bytes"),
-            "memory_available_bytes": inventory.get("memory_available_bytes"),
-            "cpu_percent": None}
-
-
-def _normalise(body: Any, node: Record) -> Record:
-    """A node's telemetry reading, in the shape the stream promises."""
-    latest = body.get("latest", body) if isinstance(body, dict) else {}
-    if not isinstance(latest, dict) or not isinstance(latest.get("gpus"), list):
-        return _from_inventory(node)
-    return {"ok": True, "source": "telemetry", "gpus": latest["gpus"],
+def _reading(node: Record, reply: Record | str | None) -> Record:
+    """One node's entry in a `telemetry` event."""
+    if isinstance(reply, str):
+        return {"ok": False, "error": reply}
+    latest = reply.get("latest") if isinstance(reply, dict) else None
+    if not isinstance(latest, dict):
+        # No sampler there: what the node registered (its totals; readings of that moment).
+        inventory = node.get("inventory") or {}
+        latest = {"time": None, "cpu_percent": None, "gpus": inventory.get("gpus", []),
+                  "memory_total_bytes": inventory.get("memory_total_bytes"),
+                  "memory_available_bytes": inventory.get("memory_available_bytes")}
+        source = "inventory"
+    else:
+        source = "telemetry"
+    return {"ok": True, "source": source, "time": latest.get("time"),
+            "cpu_percent": latest.get("cpu_percent"), "gpus": latest.get("gpus") or [],
             "memory_total_bytes": latest.get("memory_total_bytes"),
             "memory_available_bytes": latest.get("memory_available_bytes"),
-            "cpu_percent": latest.get("cpu_percent")}
+            "error": latest.get("error")}
+
+
+_GPU_READINGS = ("index", "utilization_percent", "memory_used_bytes", "temperature_c",
+                 "power_w")
+
+
+def _compact(sample: Record) -> Record:
+    return {"time": sample.get("time"), "cpu_percent": sample.get("cpu_percent"),
+            "memory_available_bytes": sample.get("memory_available_bytes"),
+            "gpus": [{k: g.get(k) for k in _GPU_READINGS} for g in sample.get("gpus") or []]}

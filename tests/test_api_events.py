@@ -137,6 +137,20 @@ def test_telemetry_every_second_from_every_node(cluster: InProcessNode) -> None:
         assert last[node_id]["gpus"][0]["name"] == "Test GPU"
     assert last["node-ev-gone"]["ok"] is False             # nothing listens there
     assert "unreachable" in last["node-ev-gone"]["error"]
+    # These apps run no sampler (no daemon parts): a node reports what it registered.
+    assert last[NODES[0]]["source"] == "inventory"
+
+
+def test_history_is_bounded(cluster: InProcessNode) -> None:
+    for history in (-1, 601, "soon"):
+        with pytest.raises(ApiError) as caught:
+            asyncio.run(collect(NodeClient(cluster.url, cluster.admin_key),
+                                lambda seen: True, history=history))
+        assert caught.value.status == 400 and "history" in str(caught.value)
+    events = asyncio.run(collect(NodeClient(cluster.url, cluster.admin_key),
+                                 lambda seen: len(seen) >= 2, history=60))
+    assert [name for name, _ in events[:2]] == ["snapshot", "telemetry_history"]
+    assert events[1][1]["nodes"] == {}          # these apps run no sampler: nothing to send
 
 
 def test_shutdown_closes_open_streams(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ class NodeClient:
             raise ApiError(0, f"cannot reach {url or self.url}: {_reason(exc)}") from None
 
     async def events(self, url: str | None = None, telemetry: bool = True,
-                     idle_timeout: float = 6.0) -> AsyncIterator[tuple[str, Any]]:
+                     history: float = 0, idle_timeout: float = 6.0) -> AsyncIterator[tuple[str, Any]]:
         """`/api/events` of `url` (default: the attached node), as (event, data) pairs.
 
         With telemetry on, the node writes every second; `idle_timeout` seconds of silence
@@ -90,7 +90,8 @@ class NodeClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=idle_timeout)
         try:
             async with self._http().get(base + "/api/events",
-                                        params={"telemetry": "1" if telemetry else "0"},
+                                        params={"telemetry": "1" if telemetry else "0",
+                                                "history": str(history)},
                                         timeout=timeout, read_bufsize=_LINE_BUFFER) as reply:
                 if reply.status >= 400:
                     raise _error(reply.status, await reply.read())
