@@ -97,6 +97,15 @@ class Config:
         return f"http://{self.host}:{self.api_port}"
 
     @property
+    def local_api_url(self) -> str:
+        """The API as a client on this machine reaches it: a wildcard bind through loopback."""
+        ip = ipaddress.ip_address(self.host)
+        if ip.is_unspecified:
+            ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+        return f"http://{host}:{self.api_port}"
+
+    @property
     def raft_address(self) -> str:
         return f"{self.host}:{self.raft_port}"
 

@@ -109,6 +109,9 @@ class Daemon:
         try:
             if not await self._start(runner):
                 return 1 if not self._stop.is_set() else 0
+            # The CLI reads where this node listens from its data dir (any --api-port).
+            self.data.write_endpoint(self.config.api_url, self.config.local_api_url,
+                                     self.config.raft_address)
             self._announce()
             await self._stop.wait()
             log.info("shutting down: stopping engines (Ctrl-C again to force)")

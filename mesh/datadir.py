@@ -5,6 +5,7 @@ Layout (all created 0700/0600 because the Raft journal and the secret are sensit
     <data-dir>/node.json        {"id": ..., "created": ...}  stable across restarts
     <data-dir>/cluster.secret   the cluster secret (Raft transport password)
     <data-dir>/admin.key        the first admin API key, written once on first start
+    <data-dir>/endpoint.json    where the running (or last) daemon listens, for the CLI
     <data-dir>/raft/journal     pysyncobj's journal
     <data-dir>/raft/snapshot    pysyncobj's full dumps (log compaction)
     <data-dir>/logs/            one log file per backend instance
@@ -102,6 +103,26 @@ class DataDir:
         secret = secrets.token_urlsafe(32)
         _write_private(path, secret + "\n")
         return secret
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.root / "endpoint.json"
+
+    def write_endpoint(self, api_url: str, connect_url: str, raft_address: str) -> None:
+        """Written by the daemon once its API listens: the CLI finds the node on any port.
+        Left in place on stop (the address is still where this node serves when it is up)."""
+        record = {"api_url": api_url, "connect_url": connect_url, "raft_address": raft_address,
+                  "pid": os.getpid(), "started": time.time()}
+        _write_private(self.endpoint_file, json.dumps(record) + "\n")
+
+    def read_endpoint(self) -> dict[str, object] | None:
+        """The daemon's endpoint record, or None if no daemon has written one (or it is
+        unreadable: a CLI of another user, a half-made dir)."""
+        try:
+            record = json.loads(self.endpoint_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and "connect_url" in record else None
 
     def write_admin_key(self, key: str) -> Path:
         _write_private(self.admin_key_file, key + "\n")

@@ -2,7 +2,14 @@
 
 Everything that can be known before scheduling is checked here, so a bad deploy is refused
 with a reason and nothing is stored: the name, the source (path exists / repo id), the
-backend (known, serves this format), the replica count, and the memory estimate.
+backend (known, serves this format), the replica count, the context length (not beyond what
+the model was trained for) and the memory estimate. Each refusal says which rule failed.
+
+Names are ASCII on purpose: a model's name is what clients send as `model`, and it travels
+through URLs (/api/models/NAME), shells, engine flags, log lines and metrics labels. Letters
+from other scripts would be legal in most of those, but look-alikes (Cyrillic "а" and Latin
+"a") would let two models look identical, and NFC/NFD spellings of "è" would be two names
+that print the same. Unicode belongs in descriptions, not identifiers.
 
 Blocking work (reading GGUF headers, asking the hub for sizes) runs in `build_model_record`,
 which the API calls through `asyncio.to_thread`.
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_backend
@@ -19,10 +27,13 @@ from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_b
 from gpumesh import modelfiles
 from .sources import SourceError, parse_source, remote_size_bytes
 
-__all__ = ["DeploymentError", "MAX_REPLICAS", "build_model_record", "validate_replicas"]
+__all__ = ["DeploymentError", "MAX_NAME_LENGTH", "MAX_REPLICAS", "build_model_record",
+           "default_name", "validate_name", "validate_replicas"]
 
 MAX_REPLICAS = 64
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+MAX_NAME_LENGTH = 128
+_NAME_CHARS = "letters, digits and . _ : / -"
+_NAME_CHAR = re.compile(r"[A-Za-z0-9._:/-]")
 # Remote sources cannot be read before download: weights plus this share for the KV cache
 # and compute buffers. Replaced by the exact estimate once issue-5's prefetch reads headers.
 _REMOTE_OVERHEAD = 0.25
@@ -38,7 +49,9 @@ class DeploymentError(ValueError):
 
 def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     """Blocking. Validate a deploy request and return the model record to replicate."""
-    name = _name(spec.get("name"))
+    explicit_name = spec.get("name")
+    if explicit_name is not None:
+        validate_name(explicit_name)
     replicas = validate_replicas(spec.get("replicas", 1))
     context_length = _optional_positive_int(spec.get("context_length"), "context_length")
     args = _args(spec.get("args", []))
@@ -46,6 +59,9 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
         source = parse_source(str(spec.get("source") or ""))
     except SourceError as exc:
         raise DeploymentError(str(exc), "source") from None
+    name = explicit_name if explicit_name is not None else default_name(source)
+    if context_length is not None and source["kind"] == "local":
+        _check_context(source["path"], context_length)
     model_format, estimate = _measure(source, context_length)
     backend = _backend(spec.get("backend"), model_format)
     return {
@@ -98,11 +114,61 @@ def _backend(requested: Any, model_format: str):
         raise DeploymentError(str(exc.args[0] if exc.args else exc), "backend") from None
 
 
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise DeploymentError("name must be 1-128 characters: letters, digits and . _ : / -, "
-                              "starting with a letter or digit", "name")
+def validate_name(value: Any) -> str:
+    """The name clients send as `model`; the refusal names the rule that failed."""
+    if not isinstance(value, str):
+        raise DeploymentError(f"name must be a string, not {type(value).__name__}", "name")
+    if not value:
+        raise DeploymentError("name is empty: give one, or leave it out to use the file or "
+                              "repo name", "name")
+    if len(value) > MAX_NAME_LENGTH:
+        raise DeploymentError(f"name is {len(value)} characters long; the most is "
+                              f"{MAX_NAME_LENGTH}", "name")
+    for position, char in enumerate(value, 1):
+        if not char.isascii():
+            raise DeploymentError(
+                f"name {value!r} has {char!r} at position {position}: names are ASCII "
+                f"({_NAME_CHARS}) so they read and type the same in every shell, URL and "
+                f"metrics label, and no two look alike", "name")
+        if not _NAME_CHAR.match(char):
+            raise DeploymentError(f"name {value!r} has {char!r} at position {position}: only "
+                                  f"{_NAME_CHARS} are allowed", "name")
+    if not value[0].isalnum():
+        raise DeploymentError(f"name {value!r} starts with {value[0]!r}: it must start with a "
+                              f"letter or digit", "name")
     return value
+
+
+def default_name(source: dict[str, Any]) -> str:
+    """A name from the source: the file's stem (shard suffix dropped), the folder's name, or
+    the repo's name; characters a name cannot hold become '-'."""
+    if source["kind"] == "local":
+        path = Path(source["path"])
+        base = path.name if path.is_dir() else path.name.removesuffix(".gguf")
+    elif source.get("file"):
+        base = Path(source["file"]).name.removesuffix(".gguf")
+    else:
+        base = source["repo"].split("/")[-1]
+    base = _SHARD_SUFFIX.sub("", base)
+    cleaned = re.sub(r"[^A-Za-z0-9._:-]+", "-", base).lstrip("._:-")[:MAX_NAME_LENGTH]
+    return cleaned.rstrip("-") or "model"
+
+
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def _check_context(path: str, requested: int) -> None:
+    """Refuse (rather than cap) a context beyond the model's training: a silent cap would
+    serve something other than what was asked, and beyond it the model's output degrades."""
+    try:
+        trained = modelfiles.trained_context_length(path)
+    except modelfiles.ModelFileError:
+        return                      # _measure reports what is wrong with the files
+    if trained and requested > trained:
+        raise DeploymentError(
+            f"context_length {requested} is more than this model was trained for "
+            f"({trained} tokens): give at most {trained}, or leave it out to use "
+            f"{min(trained, modelfiles.DEFAULT_CONTEXT_LENGTH)}", "context_length")
 
 
 def validate_replicas(value: Any) -> int:

@@ -11,7 +11,8 @@ headers and Hugging Face `config.json` files, never tensor data.
 """
 
 from .estimate import (DEFAULT_CONTEXT_LENGTH, OVERHEAD_FIXED_BYTES, OVERHEAD_FRACTION,
-                       MemoryEstimate, context_length_for, estimate_memory)
+                       MemoryEstimate, context_length_for, estimate_memory,
+                       trained_context_length)
 from .files import ModelFileError, detect_format, resolve_model_file
 from .gguf import MAX_ARRAY_ITEMS, GGUFArray, read_gguf_metadata
 from .kinds import KINDS, ROUTES_BY_KIND, kind_serves
@@ -20,5 +21,5 @@ __all__ = [
     "DEFAULT_CONTEXT_LENGTH", "GGUFArray", "KINDS", "MAX_ARRAY_ITEMS", "MemoryEstimate",
     "ModelFileError", "OVERHEAD_FIXED_BYTES", "OVERHEAD_FRACTION", "ROUTES_BY_KIND",
     "context_length_for", "detect_format", "estimate_memory", "kind_serves",
-    "read_gguf_metadata", "resolve_model_file",
+    "read_gguf_metadata", "resolve_model_file", "trained_context_length",
 ]

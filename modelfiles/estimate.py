@@ -16,7 +16,7 @@ from .files import (ModelFileError, detect_format, gguf_weight_files, int_or_non
 from .gguf import read_gguf_metadata
 
 __all__ = ["DEFAULT_CONTEXT_LENGTH", "MemoryEstimate", "OVERHEAD_FIXED_BYTES",
-           "OVERHEAD_FRACTION", "context_length_for", "estimate_memory"]
+           "OVERHEAD_FRACTION", "context_length_for", "estimate_memory", "trained_context_length"]
 
 # The context a model is served with when the deployment names none: long enough for chat,
 # short enough that a model trained on 128k tokens does not reserve a huge KV cache.
@@ -72,6 +72,17 @@ def estimate_memory(path: str | os.PathLike[str], context_length: int | None = N
     if detect_format(path) == "gguf":
         return _estimate_gguf(resolve_model_file(path), context_length)
     return _estimate_safetensors(Path(path).expanduser(), context_length)
+
+
+def trained_context_length(path: str | os.PathLike[str]) -> int | None:
+    """The longest context the model was trained for, as its files say (None if unsaid)."""
+    if detect_format(path) == "gguf":
+        meta = read_gguf_metadata(resolve_model_file(path))
+        return int_or_none(meta.get(f"{meta.get('general.architecture')}.context_length"))
+    config = read_json(Path(path).expanduser() / "config.json")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    cfg = text if text and "num_hidden_layers" not in config else config
+    return int_or_none(cfg.get("max_position_embeddings"))
 
 
 def _estimate_gguf(model_file: Path, requested: int | None) -> MemoryEstimate:

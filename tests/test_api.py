@@ -278,7 +278,7 @@ def test_create_model_body_that_is_not_an_object_is_400(api, body) -> None:
     ({"name": "p8", "source": "GGUF", "replicas": True}, "replicas"),
     ({"name": "p9", "source": "GGUF", "replicas": 1.5}, "replicas"),
     ({"name": "-bad name", "source": "GGUF"}, "name"),
-    ({"source": "GGUF"}, "name"),
+    ({"name": "", "source": "GGUF"}, "name"),
     ({"name": "p10", "source": "GGUF", "context_length": 0}, "context_length"),
     ({"name": "p11", "source": "GGUF", "args": "--flag"}, "args"),
 ])

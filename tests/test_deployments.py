@@ -97,8 +97,8 @@ def test_optional_fields_are_kept(gguf_file):
 
 
 def test_context_length_changes_the_estimate(gguf_file):
-    small = build_model_record(_spec(gguf_file, context_length=64))["estimate"]
-    large = build_model_record(_spec(gguf_file, context_length=1024))["estimate"]
+    small = build_model_record(_spec(gguf_file, context_length=16))["estimate"]
+    large = build_model_record(_spec(gguf_file, context_length=256))["estimate"]
     assert large["kv_cache_bytes"] == 16 * small["kv_cache_bytes"]
     assert large["total_bytes"] > small["total_bytes"]
 
@@ -126,15 +126,51 @@ def test_good_names(gguf_file, name):
 
 # --- refusals, each naming its parameter ---------------------------------------------------
 
-@pytest.mark.parametrize("name", [None, "", "-leading-dash", ".hidden", "A" * 129,
-                                  "has space", "semi;colon", "ünïcode", 42, ["a"]])
-def test_bad_names(gguf_file, name):
+@pytest.mark.parametrize(("name", "rule"), [
+    ("", "name is empty"),
+    ("-leading-dash", "must start with a letter or digit"),
+    (".hidden", "must start with a letter or digit"),
+    ("A" * 129, "129 characters long; the most is 128"),
+    ("m" * 300, "300 characters long; the most is 128"),
+    ("has space", "' ' at position 4: only letters, digits and . _ : / - are allowed"),
+    ("semi;colon", "';' at position 5: only letters"),
+    ("modèle", "'è' at position 4: names are ASCII"),
+    ("模型", "'模' at position 1: names are ASCII"),
+    (42, "must be a string, not int"),
+    (["a"], "must be a string, not list"),
+])
+def test_bad_names_say_which_rule_failed(gguf_file, name, rule):
     message = _refused({"name": name, "source": str(gguf_file)}, "name")
-    assert "1-128 characters" in message
+    assert rule in message
 
 
-def test_missing_name(gguf_file):
-    _refused({"source": str(gguf_file)}, "name")
+@pytest.mark.parametrize(("file_name", "expected"), [
+    ("tiny.gguf", "tiny"),
+    ("Qwen2.5-0.5B-Instruct-Q4_K_M.gguf", "Qwen2.5-0.5B-Instruct-Q4_K_M"),
+    ("my model (v2).gguf", "my-model-v2"),
+])
+def test_missing_name_defaults_to_the_file_name(gguf_file, tmp_path, file_name, expected):
+    path = tmp_path / file_name
+    path.write_bytes(gguf_file.read_bytes())
+    assert build_model_record({"source": str(path)})["name"] == expected
+
+
+def test_default_name_of_a_folder_and_of_repos(safetensors_dir):
+    from gpumesh.mesh.deployments import default_name
+    assert default_name({"kind": "local", "path": str(safetensors_dir)}) == "hf-model"
+    assert default_name({"kind": "huggingface", "repo": "Qwen/Qwen2.5-0.5B-Instruct",
+                         "file": None}) == "Qwen2.5-0.5B-Instruct"
+    assert default_name({"kind": "huggingface", "repo": "o/n-GGUF",
+                         "file": "sub/q4_k_m-00001-of-00003.gguf"}) == "q4_k_m"
+
+
+def test_context_beyond_the_trained_one_is_refused_saying_the_limit(gguf_file):
+    from gpumesh.modelfiles import trained_context_length
+    trained = trained_context_length(gguf_file)
+    assert trained and trained < 999999
+    message = _refused(_spec(gguf_file, context_length=999999), "context_length")
+    assert f"trained for ({trained} tokens): give at most {trained}" in message
+    assert build_model_record(_spec(gguf_file, context_length=trained))["context_length"] == trained
 
 
 @pytest.mark.parametrize("replicas", [-1, MAX_REPLICAS + 1, 1000, True, False, "2", 1.0, None])

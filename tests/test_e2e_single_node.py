@@ -116,11 +116,11 @@ def test_missing_or_wrong_key_is_401_and_unknown_model_404(daemon: Daemon) -> No
 def test_deploy_refusals_say_why_and_lose_nothing(daemon: Daemon, tiny_model: Path,
                                                   workdir: Path) -> None:
     unknown = daemon.cli("deploy", str(tiny_model), "--name", "x", "--backend", "nope")
-    assert unknown.returncode == 1 and "unknown backend 'nope'" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown backend 'nope'" in unknown.stderr  # invalid input
     assert "llama.cpp" in unknown.stderr                  # it lists what exists
 
     missing = daemon.cli("deploy", str(workdir / "absent.gguf"), "--name", "x")
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
     taken = daemon.cli("deploy", str(tiny_model), "--name", "tiny")
     assert taken.returncode == 1 and "already exists" in taken.stderr
@@ -130,7 +130,7 @@ def test_deploy_refusals_say_why_and_lose_nothing(daemon: Daemon, tiny_model: Pa
     huge.write_bytes(tiny_model.read_bytes())
     os.truncate(huge, 4 << 40)                            # 4 TiB apparent size
     too_big = daemon.cli("deploy", str(huge), "--name", "huge", "--wait", "--timeout", "30")
-    assert too_big.returncode == 1
+    assert too_big.returncode == 7                        # not schedulable
     assert re.search(r"cannot run huge: .*needs 4\.\d TiB.*GiB RAM free for models",
                      too_big.stderr), too_big.stderr
 
@@ -189,7 +189,7 @@ def test_scale_up_down_and_503_while_nothing_runs(daemon: Daemon) -> None:
     assert "no running instance" in unavailable.value.message
 
     bad = daemon.cli("scale", "tiny", "-1")
-    assert bad.returncode == 1 and "replicas must be" in bad.stderr
+    assert bad.returncode == 2 and "replicas must be" in bad.stderr
     assert daemon.cli("scale", "tiny", "1", "--wait").returncode == 0
 
 

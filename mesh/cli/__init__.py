@@ -1,9 +1,11 @@
 """`gpumesh`: the command line. `up` runs the daemon; the rest talk to a node's API.
 
-Every command prints for people by default and JSON with `--json`, exits 0 on success,
-1 when gpumesh said no (the reason is printed), and 2 on a usage mistake.
+Every command prints for people by default and JSON with `--json`; failures exit with the
+codes in `output.Exit` (listed in `gpumesh --help`), so scripts can tell "not found" from
+"unreachable" without parsing messages.
 
 One module per group of commands; each has `register(subparsers)`, listed in `_GROUPS`.
+`output.py` holds what they share (flags, printing, exit codes); its docstring has the rules.
 """
 
 from __future__ import annotations
@@ -15,31 +17,44 @@ from gpumesh import __version__
 
 from ..client import ApiError
 from . import cluster, daemon, models
+from .output import EXIT_CODES_HELP, CliError, Exit, error_from_api, print_error
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 # The command groups, in the order `gpumesh --help` lists them.
 _GROUPS = (daemon, models, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 2
+        parser.print_help(sys.stderr)
+        return Exit.USAGE
     try:
-        return args.handler(args)
+        return int(args.handler(args))
+    except CliError as exc:
+        print_error(args, exc)
+        return int(exc.exit_code)
     except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        error = error_from_api(exc)
+        print_error(args, error)
+        return int(error.exit_code)
     except KeyboardInterrupt:
-        return 130
+        return int(Exit.INTERRUPTED)
+    except BrokenPipeError:           # `gpumesh models | head -1`: the reader left, not an error
+        sys.stderr.close()
+        return int(Exit.OK)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpumesh", description="A GPU cluster manager for "
-                                     "AI models: one daemon per machine, one pool of GPUs.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpumesh", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A GPU cluster manager for AI models: one daemon per machine, one pool "
+                    "of GPUs, an OpenAI-compatible API on every node.",
+        epilog="Run `gpumesh COMMAND --help` for a command's flags. Commands that talk to a "
+               "node find the local one through its data dir ($GPUMESH_DATA_DIR), or use "
+               "$GPUMESH_URL and $GPUMESH_API_KEY.\n\n" + EXIT_CODES_HELP)
     parser.add_argument("--version", action="version", version=f"gpumesh {__version__}")
     parser.set_defaults(command=None)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")

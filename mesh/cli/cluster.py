@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .output import add_client_command, client_for, gib, print_result, table
+from .output import Exit, add_client_command, client_for, gib, print_result, status_cell, table
 
 __all__ = ["register"]
 
@@ -14,10 +14,10 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     nodes = client_for(args).get("/api/nodes")["data"]
     print_result(args, nodes, lambda ns: table(
         ["ID", "NAME", "STATUS", "CPUS", "RAM", "GPUS", "API"],
-        [[n["id"], n["name"], n["status"], n["inventory"]["cpu_cores"],
+        [[n["id"], n["name"], status_cell(n["status"]), n["inventory"]["cpu_cores"],
           gib(n["inventory"]["memory_total_bytes"]), len(n["inventory"]["gpus"]),
           n["api_url"]] for n in ns]))
-    return 0
+    return Exit.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{len(raft['members'])} member(s) · quorum {'yes' if raft['has_quorum'] else 'NO'}\n"
         f"{s['counts']['nodes']} node(s), {s['counts']['models']} model(s), "
         f"{s['counts']['instances']} instance(s)"))
-    return 0
+    return Exit.OK
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -38,8 +38,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         ["NAME", "VERSION", "FORMATS", "DEVICES", "AVAILABLE"],
         [[b["name"], b["version"] or "-", ",".join(b["model_formats"]),
           ",".join((["cpu"] if b["runs_on_cpu"] else []) + b["gpu_vendors"]),
-          "yes" if b["available"] else f"no: {b['problem']}"] for b in bs]))
-    return 0
+          status_cell("yes" if b["available"] else f"no: {b['problem']}")] for b in bs]))
+    return Exit.OK
 
 
 def register(sub: Any) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from typing import Any
 
 from ..config import Config, ConfigError
+from .output import CliError, Exit
 
 __all__ = ["register"]
 
@@ -21,8 +21,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         config = Config.from_sources(flags)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc), Exit.USAGE) from None
     configure_logging(config.log_level)
     return asyncio.run(run_daemon(config))
 
@@ -39,5 +38,7 @@ def register(sub: Any) -> None:
                     help="which GPUs to look for (default auto: NVIDIA, then AMD, then none)")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
-    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                    help="how much the daemon logs on stderr (default info; env "
+                         "GPUMESH_LOG_LEVEL)")
     up.set_defaults(command="up", handler=cmd_up)

@@ -7,57 +7,68 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..client import ApiClient, model_path
-from .output import (add_client_command, client_for, fail, gib, print_result, source_label,
-                     table)
+from ..client import ApiClient, ApiError, model_path
+from .output import (CliError, Exit, add_client_command, client_for, gib, print_result,
+                     source_label, status_cell, table)
 
-__all__ = ["register"]
+__all__ = ["register", "wait_running"]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.file:
+        from .specfile import apply_spec_file      # only `deploy -f` needs YAML
+        return apply_spec_file(args)
+    if not args.source:
+        raise CliError("deploy needs PATH_OR_REPO, or -f SPEC.yaml", Exit.USAGE)
     client = client_for(args)
-    spec: dict[str, Any] = {"name": args.name, "source": _absolute_if_local(args.source),
+    spec: dict[str, Any] = {"source": absolute_if_local(args.source),
                             "replicas": args.replicas, "args": args.arg or []}
-    if args.backend:
-        spec["backend"] = args.backend
-    if args.context_length:
-        spec["context_length"] = args.context_length
+    for field in ("name", "backend", "context_length"):
+        if getattr(args, field) is not None:
+            spec[field] = getattr(args, field)
     model = client.post("/api/models", spec)
     if not args.wait:
         print_result(args, model, lambda m: f"deployed {m['name']} ({m['backend']}, "
                                       f"{m['replicas']} replica(s)); status: {m['status']}")
-        return 0
-    return _wait_running(client, args, model["name"], args.timeout)
+        return Exit.OK
+    model = wait_running(client, model["name"], args.timeout)
+    print_result(args, model, describe_ready)
+    return Exit.OK
 
 
-def _absolute_if_local(source: str) -> str:
-    """`./model.gguf` means the file beside the user's shell, not beside the daemon."""
+def absolute_if_local(source: str, base: Path | None = None) -> str:
+    """`./model.gguf` means the file beside the user's shell (or spec file), not beside the
+    daemon."""
     path = Path(source).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
     return str(path.resolve()) if path.exists() else source
 
 
-def _wait_running(client: ApiClient, args: argparse.Namespace, name: str,
-                  timeout: float) -> int:
+def wait_running(client: ApiClient, name: str, timeout: float) -> dict[str, Any]:
+    """Poll until `name` runs (or is stopped on purpose); raise CliError saying why not."""
     deadline = time.monotonic() + timeout
     while True:
         model = client.get(model_path(name))
         if model["status"] in ("running", "stopped"):
-            print_result(args, model, _describe_ready)
-            return 0
+            return model
         if model["status"] == "unschedulable":
-            return fail(args, model, f"cannot run {name}: {model['schedule_error']}")
+            raise CliError(f"cannot run {name}: {model['schedule_error']}",
+                           Exit.NOT_SCHEDULABLE, data={"model": model}, code="unschedulable")
         failed = [i for i in model["instances"] if i["state"] == "error"]
         if failed:
             i = failed[0]
-            return fail(args, model, f"instance {i['id']} of {name} failed: {i['reason']} "
-                                      f"(gpumesh keeps retrying; `gpumesh rm {name}` removes it)")
+            raise CliError(f"instance {i['id']} of {name} failed: {i['reason']} (gpumesh "
+                           f"keeps retrying; `gpumesh rm {name}` removes it)", Exit.ERROR,
+                           data={"model": model}, code="instance_failed")
         if time.monotonic() > deadline:
-            return fail(args, model, f"{name} is not running after {timeout:.0f} s "
-                                      f"(status: {model['status']})")
+            raise CliError(f"{name} is not running after {timeout:g} s (status: "
+                           f"{model['status']})", Exit.TIMED_OUT, data={"model": model},
+                           code="timed_out")
         time.sleep(0.25)
 
 
-def _describe_ready(model: dict[str, Any]) -> str:
+def describe_ready(model: dict[str, Any]) -> str:
     where = ", ".join(f"{i['id']} on node {i['node_id']} (port {i['port']})"
                       for i in model["instances"] if i["state"] == "running")
     return f"{model['name']} is {model['status']}: {model['ready_replicas']}/" \
@@ -68,61 +79,119 @@ def cmd_models(args: argparse.Namespace) -> int:
     models = client_for(args).get("/api/models")["data"]
     print_result(args, models, lambda ms: table(
         ["NAME", "STATUS", "READY", "BACKEND", "MEMORY", "SOURCE"],
-        [[m["name"], m["status"], f"{m['ready_replicas']}/{m['replicas']}", m["backend"],
-          gib(m["estimate"]["total_bytes"]), source_label(m["source"])] for m in ms]))
-    return 0
+        [[m["name"], status_cell(m["status"]), f"{m['ready_replicas']}/{m['replicas']}",
+          m["backend"], gib(m["estimate"]["total_bytes"]), source_label(m["source"])]
+         for m in ms]))
+    return Exit.OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    model = client_for(args).get(model_path(args.name))
+    print_result(args, model, _describe_model)
+    return Exit.OK
+
+
+def _describe_model(m: dict[str, Any]) -> str:
+    est = m["estimate"]
+    lines = [f"{m['name']}: {m['status']}, {m['ready_replicas']}/{m['replicas']} replica(s) "
+             f"ready",
+             f"  source   {source_label(m['source'])} ({m['format']})",
+             f"  backend  {m['backend']}" + (f" {' '.join(m['args'])}" if m["args"] else ""),
+             f"  context  {est.get('context_length') or m.get('context_length') or '-'} tokens",
+             f"  memory   {gib(est['total_bytes'])} (weights {gib(est['weights_bytes'])}, "
+             f"KV cache {gib(est['kv_cache_bytes'])})"]
+    if m.get("schedule_error"):
+        lines.append(f"  cannot run: {m['schedule_error']}")
+    for i in m["instances"]:
+        lines.append(f"  {i['id']}  {i['state']:<10} node {i['node_id']}  port "
+                     f"{i['port'] or '-'}  {i.get('reason') or ''}".rstrip())
+    return "\n".join(lines)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    result = client_for(args).delete(model_path(args.name))
-    print_result(args, result, lambda r: f"removed {r['deleted']} "
-                                   f"({r['instances_removed']} instance(s) stopped)")
-    return 0
+    client = client_for(args)
+    try:
+        result = client.delete(model_path(args.name))
+    except ApiError as exc:
+        if exc.status == 404 and args.ignore_missing:
+            result = {"deleted": None, "instances_removed": 0}
+        else:
+            raise
+    print_result(args, result, lambda r: f"removed {r['deleted']} ({r['instances_removed']} "
+                                   f"instance(s) stopped)" if r["deleted"] else
+                 f"no model named {args.name!r}; nothing to remove")
+    return Exit.OK
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
     client = client_for(args)
     model = client.patch(model_path(args.name), {"replicas": args.replicas})
     if args.wait:
-        return _wait_running(client, args, args.name, args.timeout)
+        model = wait_running(client, args.name, args.timeout)
+        print_result(args, model, describe_ready)
+        return Exit.OK
     print_result(args, model, lambda m: f"{m['name']}: {m['replicas']} replica(s) wanted")
-    return 0
+    return Exit.OK
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
     instances = client_for(args).get("/api/instances")["data"]
+    if args.model:
+        instances = [i for i in instances if i["model"] == args.model]
     print_result(args, instances, lambda items: table(
         ["ID", "MODEL", "NODE", "STATE", "DEVICE", "PORT", "REASON"],
-        [[i["id"], i["model"], i["node_id"], i["state"], i["allocation"]["device"],
-          i["port"] or "-", (i.get("reason") or "")[:60]] for i in items]))
-    return 0
+        [[i["id"], i["model"], i["node_id"], status_cell(i["state"]),
+          i["allocation"]["device"], i["port"] or "-", (i.get("reason") or "")[:60]]
+         for i in items]))
+    return Exit.OK
 
 
 def register(sub: Any) -> None:
-    deploy = add_client_command(sub, "deploy", cmd_deploy, "deploy a model from a path or a repo")
-    deploy.add_argument("source", metavar="PATH_OR_REPO",
+    deploy = add_client_command(
+        sub, "deploy", cmd_deploy, "deploy a model from a path, a repo or a spec file",
+        description="Deploy a model from a local GGUF file or folder, a Hugging Face repo, or "
+                    "a YAML spec file (-f; applying the same file again changes nothing).")
+    deploy.add_argument("source", metavar="PATH_OR_REPO", nargs="?",
                         help="a local GGUF file/dir, or a Hugging Face repo (owner/name[:file])")
-    deploy.add_argument("--name", required=True, help="the name clients use as `model`")
-    deploy.add_argument("--backend", help="engine to use (default: chosen by model format)")
+    deploy.add_argument("-f", "--file", metavar="SPEC.yaml",
+                        help="deploy the models a YAML spec file describes (idempotent; "
+                             "`-` reads stdin); see the README for its fields")
+    deploy.add_argument("--name", help="the name clients send as `model` (default: the file "
+                        "or repo name); ASCII letters, digits and . _ : / -, at most 128")
+    deploy.add_argument("--backend", help="engine to use (default: chosen by model format; "
+                        "`gpumesh backends` lists them)")
     deploy.add_argument("--replicas", type=int, default=1, help="instances to run (default 1)")
-    deploy.add_argument("--context-length", type=int, help="context window (default: the "
-                        "model's, at most 4096)")
+    deploy.add_argument("--context-length", type=int, metavar="TOKENS",
+                        help="context window (default: the model's, at most 4096; more than "
+                             "the model was trained for is refused)")
     deploy.add_argument("--arg", action="append", metavar="ENGINE_ARG",
                         help="extra engine argument (repeatable), e.g. --arg=--embeddings")
     _wait_flags(deploy)
 
-    rm = add_client_command(sub, "rm", cmd_rm, "remove a model and stop its instances")
-    rm.add_argument("name")
-    scale = add_client_command(sub, "scale", cmd_scale, "change a model's replica count")
-    scale.add_argument("name")
-    scale.add_argument("replicas", type=int)
-    _wait_flags(scale)
     add_client_command(sub, "models", cmd_models, "list models", aliases=("ls",))
-    add_client_command(sub, "instances", cmd_instances, "list instances")
+    show = add_client_command(sub, "show", cmd_show, "one model in detail: source, "
+                              "memory, instances and why any is not running")
+    show.add_argument("name", metavar="NAME", help="the model's name")
+    instances = add_client_command(sub, "instances", cmd_instances,
+                                   "list instances (replicas): where each runs, its state "
+                                   "and why")
+    instances.add_argument("--model", metavar="NAME", help="only this model's instances")
+
+    scale = add_client_command(sub, "scale", cmd_scale, "change a model's replica count")
+    scale.add_argument("name", metavar="NAME", help="the model's name")
+    scale.add_argument("replicas", metavar="REPLICAS", type=int,
+                       help="instances wanted (0 stops every instance but keeps the model)")
+    _wait_flags(scale)
+
+    rm = add_client_command(sub, "rm", cmd_rm, "remove a model and stop its instances")
+    rm.add_argument("name", metavar="NAME", help="the model's name")
+    rm.add_argument("--ignore-missing", action="store_true",
+                    help="exit 0 when there is no such model (for scripts)")
 
 
 def _wait_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true",
-                        help="return when running; exit 1 with the reason if it cannot run")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds --wait waits (default 600)")
+                        help="return when running; else exit non-zero with the reason "
+                             "(7 not schedulable, 6 timed out, 1 an instance failed)")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long --wait waits (default 600)")

@@ -1,0 +1,212 @@
+"""The CLI as a new user and a script meet it: a real `gpumesh up` on kernel-chosen ports,
+and `gpumesh` run as a separate process with only the environment a shell would have.
+
+Each test names the bug or contract it holds: finding the local node on any port through its
+data dir, URLs as people paste them, default names, which naming rule failed, context length
+beyond the model's, and the documented exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import Daemon, free_port
+from tinymodels import write_tiny_gguf
+
+from gpumesh.mesh.cli import main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(workdir: Path) -> Path:
+    return write_tiny_gguf(workdir / "tiny-chat.gguf")    # trained context: 256 tokens
+
+
+@pytest.fixture(scope="module")
+def node(workdir: Path):
+    daemon = Daemon(workdir / "node-data")
+    daemon.start()
+    yield daemon
+    daemon.kill()
+
+
+def gpumesh(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`gpumesh ARGS` in a clean shell: no GPUMESH_* unless given, and a home whose default
+    data dir is empty (so nothing is found by accident)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GPUMESH_")}
+    clean.update({"XDG_DATA_HOME": str(cwd / "empty-home"), "NO_COLOR": "", "FORCE_COLOR": ""})
+    clean.update(env)
+    return subprocess.run([sys.executable, "-m", "gpumesh", *args], env=clean, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+# --- finding the node --------------------------------------------------------------------
+
+def test_the_local_node_is_found_on_any_port_through_its_data_dir(node: Daemon,
+                                                                   workdir: Path) -> None:
+    assert node.api_port != 8470
+    endpoint = json.loads((node.data_dir / "endpoint.json").read_text())
+    assert endpoint["connect_url"] == node.url and endpoint["pid"] == node.process.pid
+    result = gpumesh("status", "--json", cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["raft"]["is_leader"]
+
+
+@pytest.mark.parametrize("form", ["{url}/v1", "{url}/v1/", "127.0.0.1:{port}", "{url}/api"])
+def test_urls_as_people_paste_them(node: Daemon, workdir: Path, form: str) -> None:
+    url = form.format(url=node.url, port=node.api_port)
+    result = gpumesh("models", "--json", cwd=workdir, GPUMESH_URL=url,
+                     GPUMESH_DATA_DIR=str(node.data_dir))      # the key from the data dir
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_a_url_without_any_key_says_where_keys_come_from(node: Daemon, workdir: Path) -> None:
+    result = gpumesh("models", cwd=workdir, GPUMESH_URL=f"127.0.0.1:{node.api_port}")
+    assert result.returncode == 4, result.stderr                       # not authorised
+    assert "set GPUMESH_API_KEY" in result.stderr and "GPUMESH_DATA_DIR" in result.stderr
+
+
+def test_unreachable_and_wrong_key_and_bad_url_exit_codes(node: Daemon, workdir: Path) -> None:
+    closed = gpumesh("models", "--url", f"127.0.0.1:{free_port()}", "--api-key", "gm-x-y",
+                     cwd=workdir)
+    assert closed.returncode == 5 and "cannot reach gpumesh" in closed.stderr
+    wrong = gpumesh("models", "--url", node.url, "--api-key", "gm-nope-nope", cwd=workdir)
+    assert wrong.returncode == 4 and "the key came from --api-key" in wrong.stderr
+    bad = gpumesh("models", "--url", "ftp://host", cwd=workdir)
+    assert bad.returncode == 2 and "http:// or https://" in bad.stderr
+    never_ran = gpumesh("models", cwd=workdir, GPUMESH_DATA_DIR=str(workdir / "never-ran"))
+    assert never_ran.returncode == 5 and "no node has run with the data dir" in never_ran.stderr
+
+
+# --- deploying: names, context, exit codes -----------------------------------------------
+
+def test_deploy_without_name_uses_the_file_name(node: Daemon, workdir: Path,
+                                                tiny_model: Path) -> None:
+    env = {"GPUMESH_DATA_DIR": str(node.data_dir)}
+    result = gpumesh("deploy", tiny_model.name, "--json", cwd=workdir, **env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "tiny-chat"
+    shown = gpumesh("show", "tiny-chat", "--json", cwd=workdir, **env)
+    assert json.loads(shown.stdout)["source"]["path"] == str(tiny_model)
+    assert gpumesh("rm", "tiny-chat", cwd=workdir, **env).returncode == 0
+
+
+@pytest.mark.parametrize(("name", "rule"), [
+    ("n" * 300, "300 characters long; the most is 128"),
+    ("modèle", "'è' at position 4: names are ASCII"),
+    ("模型", "'模' at position 1: names are ASCII"),
+])
+def test_each_bad_name_gets_the_rule_it_broke(node: Daemon, workdir: Path, tiny_model: Path,
+                                              name: str, rule: str) -> None:
+    result = gpumesh("deploy", str(tiny_model), "--name", name, cwd=workdir,
+                     GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.returncode == 2 and rule in result.stderr, result.stderr
+
+
+def test_context_beyond_the_models_is_refused(node: Daemon, workdir: Path,
+                                              tiny_model: Path) -> None:
+    result = gpumesh("deploy", str(tiny_model), "--context-length", "999999", "--json",
+                     cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.returncode == 2
+    assert "more than this model was trained for (256 tokens): give at most 256" in result.stderr
+    error = json.loads(result.stdout)["error"]              # --json: stdout is JSON even now
+    assert error["exit_code"] == 2 and error["code"] == "invalid_deployment"
+    code, models = node.api("/api/models")
+    assert models["data"] == []                             # nothing stored
+
+
+def test_not_found_and_timed_out_exit_codes(node: Daemon, workdir: Path,
+                                            tiny_model: Path) -> None:
+    env = {"GPUMESH_DATA_DIR": str(node.data_dir)}
+    missing = gpumesh("show", "absent", "--json", cwd=workdir, **env)
+    assert missing.returncode == 3 and json.loads(missing.stdout)["error"]["exit_code"] == 3
+    assert gpumesh("rm", "absent", cwd=workdir, **env).returncode == 3
+    assert gpumesh("rm", "absent", "--ignore-missing", cwd=workdir, **env).returncode == 0
+    assert gpumesh("scale", "absent", "2", cwd=workdir, **env).returncode == 3
+    # Three engine processes cannot all be up in the instant after the deploy is committed.
+    slow = gpumesh("deploy", str(tiny_model), "--name", "three", "--replicas", "3", "--wait",
+                   "--timeout", "0", "--json", cwd=workdir, **env)
+    assert slow.returncode == 6, slow.stderr
+    assert "three is not running after 0 s" in slow.stderr
+    assert json.loads(slow.stdout)["model"]["name"] == "three"   # the state it gave up on
+    assert gpumesh("rm", "three", cwd=workdir, **env).returncode == 0
+
+
+def test_a_table_for_people_has_no_escape_codes_in_a_pipe(node: Daemon, workdir: Path) -> None:
+    result = gpumesh("nodes", cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.stdout.startswith("ID") and "\x1b[" not in result.stdout
+    forced = gpumesh("nodes", cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir), FORCE_COLOR="1")
+    assert "\x1b[32mready\x1b[0m" in forced.stdout
+    both = gpumesh("nodes", cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir), FORCE_COLOR="1",
+                   NO_COLOR="1")
+    assert "\x1b[" not in both.stdout
+
+
+# --- help and usage (in-process: no node needed) -----------------------------------------
+
+def test_bare_gpumesh_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: gpumesh" in err and "5    unreachable" in err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["up", "--help"], "how much the daemon logs"),
+    (["rm", "--help"], "NAME the model's name"),
+    (["scale", "--help"], "REPLICAS instances wanted"),
+    (["--help"], "7 not schedulable"),
+])
+def test_help_texts(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    assert expected in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    from gpumesh.mesh.cli import build_parser
+    import argparse
+    parser = build_parser()
+    missing = []
+    for action in parser._subparsers._group_actions[0].choices.items():   # noqa: SLF001
+        name, sub = action
+        for arg in sub._actions:                                          # noqa: SLF001
+            if not isinstance(arg, argparse._HelpAction) and not arg.help:
+                missing.append(f"{name} {'/'.join(arg.option_strings) or arg.dest}")
+    assert missing == []
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("10.0.0.5", "http://10.0.0.5:8470"),
+    ("10.0.0.5:18470", "http://10.0.0.5:18470"),
+    ("http://10.0.0.5:8470/v1", "http://10.0.0.5:8470"),
+    ("http://10.0.0.5:8470/v1/", "http://10.0.0.5:8470"),
+    ("https://mesh.example.com/gpumesh/api", "https://mesh.example.com/gpumesh"),
+    ("https://mesh.example.com", "https://mesh.example.com"),      # a scheme keeps its port
+    ("[::1]:8470", "http://[::1]:8470"),
+    ("  node-1:8470/v1  ", "http://node-1:8470"),
+])
+def test_url_forms(given: str, expected: str) -> None:
+    from gpumesh.mesh.client import normalise_url
+    assert normalise_url(given) == expected
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    ("ftp://host", "http:// or https://"), ("host:port", "invalid port"),
+    ("http://", "names no host")])
+def test_bad_urls_say_why(given: str, problem: str) -> None:
+    from gpumesh.mesh.client import normalise_url
+    with pytest.raises(ValueError, match=problem):
+        normalise_url(given)
