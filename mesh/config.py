@@ -39,6 +39,10 @@ class Config:
                            metadata={"flag": "--data-dir", "env": "GPUMESH_DATA_DIR"})
     host: str = field(default="127.0.0.1",
                       metadata={"flag": "--host", "env": "GPUMESH_HOST"})
+    # Where the Raft port listens, when it must differ from the API's (a cluster network).
+    # Empty: the same as --host.
+    raft_host: str = field(default="",
+                           metadata={"flag": "--raft-host", "env": "GPUMESH_RAFT_HOST"})
     api_port: int = field(default=DEFAULT_API_PORT,
                           metadata={"flag": "--api-port", "env": "GPUMESH_API_PORT"})
     raft_port: int = field(default=DEFAULT_RAFT_PORT,
@@ -79,6 +83,12 @@ class Config:
             ipaddress.ip_address(self.host)
         except ValueError:
             raise ConfigError(f"--host must be an IP address, got {self.host!r}") from None
+        self.raft_host = str(self.raft_host or self.host)
+        try:
+            ipaddress.ip_address(self.raft_host)
+        except ValueError:
+            raise ConfigError(f"--raft-host must be an IP address (default: --host), "
+                              f"got {self.raft_host!r}") from None
         probe = str(self.gpu_probe).lower()
         if probe not in ("auto", "nvidia", "amd", "cpu"):
             raise ConfigError(f"--gpu-probe must be auto, nvidia, amd or cpu (default auto), "
@@ -107,7 +117,7 @@ class Config:
 
     @property
     def raft_address(self) -> str:
-        return f"{self.host}:{self.raft_port}"
+        return f"{self.raft_host}:{self.raft_port}"
 
 
 def _flag(name: str) -> str:

@@ -74,7 +74,7 @@ class Daemon:
         self.store = ClusterStore(
             self_address=config.raft_address, partners=[], journal_file=data.journal_file,
             snapshot_file=data.snapshot_file, secret=data.cluster_secret(),
-            bind_host=config.host)
+            bind_host=config.raft_host)
         self.probe: Probe | None = None
         self.backends: list[dict[str, object]] = []   # this node's engines, described once
         self.session: aiohttp.ClientSession | None = None
@@ -86,10 +86,10 @@ class Daemon:
     # --- top level -------------------------------------------------------------------------
 
     async def serve(self) -> int:
-        for flag, port in (("--api-port", self.config.api_port),
-                           ("--raft-port", self.config.raft_port)):
-            if problem := _port_problem(self.config.host, port):
-                log.error("cannot listen on %s:%d (%s): %s", self.config.host, port, flag, problem)
+        for flag, host, port in (("--api-port", self.config.host, self.config.api_port),
+                                 ("--raft-port", self.config.raft_host, self.config.raft_port)):
+            if problem := _port_problem(host, port):
+                log.error("cannot listen on %s:%d (%s): %s", host, port, flag, problem)
                 return 1
         # One connection pool for engine calls and health probes: keep-alive, no pool limit
         # (engines bound their own concurrency), no total timeout (generations are long).

@@ -5,74 +5,44 @@ Layers, bottom up (the shape Patroni gives its pysyncobj module):
 * `_ReplicatedDocument` is a pysyncobj consumer holding the state collections. Its single
   replicated method takes a msgpack-encoded command; `commands.apply_command` does the work.
   Only plain data is stored, so snapshots hold nothing but dicts, lists and scalars.
-* pysyncobj's `SyncObj` runs with `autoTick=False`: `ClusterStore` owns the tick thread,
-  starts it, and joins it on `stop()`.
+* `raft.node.RaftNode` owns pysyncobj's `SyncObj` and the thread that ticks it
+  (event-driven, see its docstring), and publishes a `RaftStatus` after every tick.
 * `ClusterStore.submit()` is the only way the asyncio side writes: it hands the command to
   pysyncobj's thread-safe queue and awaits an `asyncio.Future` that pysyncobj's callback
   completes through `loop.call_soon_threadsafe`. Every write has a deadline.
 * Callbacks from the Raft thread only signal (`_notify_changed`); readers re-read
   `ClusterStore.view`, an immutable snapshot, from the event loop.
+* Membership (`add_member`, `remove_member`, `transfer_leadership`) goes through the
+  leader, one change at a time, and every node keeps the committed member list beside its
+  journal, so a plain restart rejoins with every member.
 
-The Raft port is protected by the cluster secret (pysyncobj's `password`: each message is an
-authenticated Fernet token, checked before it is decoded) and bound to the configured host.
+The Raft port is protected by the cluster secret and bound to the configured host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import msgpack
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj import FAIL_REASON, SyncObjConsumer, replicated
 
 from .commands import State, apply_command, empty_state
+from .raft.errors import (CommandRejected, NotLeader, StartupRefused, StateUnavailable,
+                          StorageFull, WriteOutcomeUnknown)
+from .raft.node import PeerStatus, RaftNode, RaftStatus
 
-__all__ = ["ClusterStore", "RaftStatus", "StateUnavailable", "CommandRejected", "StateView"]
+__all__ = ["ClusterStore", "RaftStatus", "PeerStatus", "StateView", "StateUnavailable",
+           "WriteOutcomeUnknown", "StorageFull", "NotLeader", "StartupRefused",
+           "CommandRejected"]
 
 log = logging.getLogger("gpumesh.state")
 
-# How long the tick thread may sleep when nothing happens. Submitting a command wakes it at
-# once (pysyncobj's pipe notifier), so this bounds only timer-driven work: heartbeats,
-# elections. 50 ms is pysyncobj's own default and costs well under 1% of a core when idle.
-_TICK_SECONDS = 0.05
-# While our own writes are in flight the commit index moves on a *later* tick than the one
-# that appended the entry, so the thread ticks with a short wait until they are answered:
-# latency follows events (appends, acks) instead of the 50 ms timer, and idle cost is unchanged.
-_BUSY_TICK_SECONDS = 0.001
-
-
-class StateUnavailable(Exception):
-    """The write could not be committed: no leader, no quorum, or the deadline passed."""
-
-
-class CommandRejected(Exception):
-    """The state machine refused the command (its condition failed); nothing changed."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class RaftStatus:
-    """What this node knows of the Raft group, refreshed by the tick thread after each tick."""
-
-    self_address: str
-    leader: str | None
-    is_leader: bool
-    term: int
-    commit_index: int
-    last_applied: int
-    has_quorum: bool
-    ready: bool
-    members: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+_MEMBERSHIP_RETRY_S = 0.05
 
 
 class StateView:
@@ -131,59 +101,48 @@ class _ReplicatedDocument(SyncObjConsumer):
 
 
 class ClusterStore:
-    """Owns the pysyncobj instance and its tick thread; the asyncio side's door to the state."""
+    """The asyncio side's door to the replicated state and to the Raft membership.
+
+    Founding a cluster: `partners=[]`. Joining one: start the store with `partners` set to
+    every current member's Raft address (the list the leader's `add_member` returns, or its
+    `status.members`) — never an empty or partial list, which can split the cluster — and
+    have the leader call `add_member(this node's address)`. Restarting: the member list this
+    node last saw committed is kept in `<journal_file>.members` and wins over `partners`,
+    so a plain restart rejoins with every member.
+    """
 
     def __init__(self, *, self_address: str, partners: list[str], journal_file: Path,
                  snapshot_file: Path, secret: str, bind_host: str) -> None:
         self._self_address = self_address
-        self._partners = partners
-        self._conf = SyncObjConf(
-            autoTick=False,
-            # Send each command at once instead of batching on the next timer tick, which
-            # also enables pysyncobj's pipe notifier: a submit wakes the tick thread.
-            appendEntriesUseBatch=False,
-            journalFile=str(journal_file),
-            fullDumpFile=str(snapshot_file),
-            password=secret,
-            bindAddress=f"{bind_host}:{self_address.rsplit(':', 1)[1]}",
-            # Log compaction serialises in the tick thread: never fork a threaded asyncio process.
-            useFork=False,
-            leaderFallbackTimeout=5.0,
-            commandsWaitLeader=True,
-        )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._raft: SyncObj | None = None
         self._document = _ReplicatedDocument(self._signal_applied)
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._node = RaftNode(self_address=self_address, partners=list(partners),
+                              bind_host=bind_host, secret=secret, journal_file=journal_file,
+                              snapshot_file=snapshot_file, consumers=[self._document],
+                              on_status=self._on_status)
+        self._started = False
         self._changed = asyncio.Event()
         self._change_pending = threading.Event()
-        self._in_flight = 0                     # writes awaiting their callback
-        self._in_flight_lock = threading.Lock()
+        self._membership_lock = asyncio.Lock()
         self._version = 0
-        self._status = RaftStatus(self_address, None, False, 0, 0, 0, False, False, ())
+        self._status = RaftStatus(self_address, None, False, 0, 0, 0, False, False,
+                                  (self_address,))
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the journal, bind the Raft port, and start the tick thread."""
+        """Open the journal, bind the Raft port, and start the tick thread.
+
+        Raises StartupRefused (with the operator's next step in the message) when the
+        journal or member list is damaged, or the port cannot be bound."""
         self._loop = asyncio.get_running_loop()
         # SyncObj's constructor reads the journal and binds: blocking, so off the loop.
-        self._raft = await asyncio.to_thread(
-            SyncObj, self._self_address, self._partners, self._conf, [self._document])
-        self._thread = threading.Thread(target=self._tick_forever, name="gpumesh-raft",
-                                        daemon=False)
-        self._thread.start()
+        await asyncio.to_thread(self._node.open)
+        self._started = True
 
     async def stop(self) -> None:
-        """Stop ticking, join the thread, close the journal and sockets."""
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        if self._raft is not None:
-            self._raft.destroy()   # autoTick=False: destroys synchronously, in this thread
-            self._raft = None
+        """Stop ticking, join the thread, close the journal and sockets. Harmless twice."""
+        await asyncio.to_thread(self._node.close)
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until this node has a leader and has applied the committed log."""
@@ -195,36 +154,13 @@ class ClusterStore:
                     f"(leader: {self._status.leader or 'none'})")
             await asyncio.sleep(0.05)
 
-    def _tick_forever(self) -> None:
-        assert self._raft is not None
-        while not self._stopping.is_set():
-            try:
-                self._raft.doTick(_BUSY_TICK_SECONDS if self._in_flight else _TICK_SECONDS)
-            except Exception:  # noqa: BLE001 - one bad tick must not kill replication
-                log.exception("Raft tick failed; continuing")
-                self._stopping.wait(_TICK_SECONDS)
-            self._publish_status()
-
-    def _publish_status(self) -> None:
-        raft = self._raft
-        assert raft is not None
-        leader = raft._getLeader()
-        status = RaftStatus(
-            self_address=self._self_address,
-            leader=leader.id if leader is not None else None,
-            is_leader=raft._isLeader(),
-            term=raft.raftCurrentTerm,
-            commit_index=raft.raftCommitIndex,
-            last_applied=raft.raftLastApplied,
-            has_quorum=raft.hasQuorum,
-            ready=raft.isReady(),
-            members=tuple(sorted([self._self_address, *(n.id for n in raft.otherNodes)])),
-        )
-        if status != self._status:
-            changed_leader = status.leader != self._status.leader
-            self._status = status   # one reference swap: readers see old or new, never half
-            if changed_leader:
-                self._signal_applied()
+    def _on_status(self, status: RaftStatus) -> None:
+        # Raft thread, after a tick that changed something.
+        changed_leader = status.leader != self._status.leader
+        changed_members = status.members != self._status.members
+        self._status = status   # one reference swap: readers see old or new, never half
+        if changed_leader or changed_members:
+            self._signal_applied()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -237,7 +173,9 @@ class ClusterStore:
         return StateView(self._document.state, self._version)
 
     async def wait_changed(self, version: int, timeout: float | None = None) -> StateView:
-        """Return a view newer than `version`, waiting for a change (or the timeout) if needed."""
+        """Return a view newer than `version`, waiting for a change (or the timeout) if needed.
+
+        Leader and membership changes count as changes too (the view's version moves)."""
         if self._version == version:
             event = self._changed
             try:
@@ -270,17 +208,18 @@ class ClusterStore:
         Raises CommandRejected when the state machine refused it, StateUnavailable when it
         could not be committed in time (no leader, no quorum, deadline).
         """
-        if self._raft is None or self._loop is None:
+        if not self._node.running or self._loop is None:
             raise StateUnavailable("the state store is not running")
         loop = self._loop
         future: asyncio.Future[tuple[Any, int]] = loop.create_future()
+        node = self._node
 
         def on_done(result: Any, error: int) -> None:  # called on the Raft thread
-            self._count_in_flight(-1)
+            node.write_finished()
             loop.call_soon_threadsafe(_resolve, future, result, error)
 
         payload = msgpack.packb(command, use_bin_type=True)
-        self._count_in_flight(+1)
+        node.write_started()
         self._document._apply(payload, callback=on_done)
         try:
             result, error = await asyncio.wait_for(future, timeout)
@@ -295,9 +234,150 @@ class ClusterStore:
             raise CommandRejected(result.get("code", "rejected"), result["error"])
         return result
 
-    def _count_in_flight(self, delta: int) -> None:
-        with self._in_flight_lock:
-            self._in_flight += delta
+    # --- membership ------------------------------------------------------------------------
+
+    async def add_member(self, address: str, timeout: float = 10.0) -> tuple[str, ...]:
+        """Add the node at Raft `address` ("host:port") to the membership; return the member
+        list once the change is committed and applied on this node.
+
+        Runs on the leader only (NotLeader otherwise; `exc.leader` says where to forward).
+        Changes are serialised here, one at a time (pysyncobj's own guard does not work).
+        Adding a member that is already one returns at once.
+
+        The change counts towards the quorum as soon as the leader appends it, so: in a
+        1-member cluster it can only commit once the new node runs (start the joiner first,
+        with `partners` = the current members, then add it); in larger clusters a node added
+        but never started weakens the quorum — remove it if it is not up by a deadline.
+        Raises WriteOutcomeUnknown if the change was appended but not committed in time (it
+        may still commit), StateUnavailable if it was refused before that.
+        """
+        _check_address(address)
+        async with self._membership_lock:
+            self._require_leader("add a member")
+            if address in self._status.members:
+                return self._status.members
+            await self._change_membership("add", address, timeout)
+            return await self._wait_members(lambda m: address in m, timeout)
+
+    async def remove_member(self, address: str, timeout: float = 10.0) -> tuple[str, ...]:
+        """Take the node at Raft `address` out of the membership; return the member list
+        once committed. Leader only (NotLeader otherwise). The leader cannot remove itself:
+        call `transfer_leadership()` first and remove it through the new leader.
+
+        The removed node is not told (it never receives the entry): stop it, and wipe its
+        data dir before it joins again. Removing a non-member returns at once."""
+        _check_address(address)
+        async with self._membership_lock:
+            self._require_leader("remove a member")
+            if address == self._self_address:
+                raise CommandRejected(
+                    "cannot_remove_leader",
+                    f"{address} is the leader and cannot remove itself: transfer the "
+                    f"leadership first, then remove it through the new leader")
+            if address not in self._status.members:
+                return self._status.members
+            await self._change_membership("rem", address, timeout)
+            return await self._wait_members(lambda m: address not in m, timeout)
+
+    async def transfer_leadership(self, target: str | None = None,
+                                  timeout: float = 3.0) -> str:
+        """Hand the leadership to `target` (or the most caught-up connected follower) and
+        return the new leader's address once this node sees it. Leader only."""
+        if target is not None:
+            _check_address(target)
+        async with self._membership_lock:
+            self._require_leader("transfer the leadership")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                error = await self._raft_call(
+                    lambda raft, cb: raft.transferLeadership(target, cb), deadline)
+                if error == FAIL_REASON.SUCCESS:
+                    break
+                if loop.time() >= deadline or error == FAIL_REASON.NOT_LEADER:
+                    raise StateUnavailable(
+                        f"could not transfer the leadership: "
+                        f"{'no follower is connected and caught up' if error == FAIL_REASON.REQUEST_DENIED else _FAIL_WORDS.get(error, 'failed')}")
+                await asyncio.sleep(_MEMBERSHIP_RETRY_S)
+            while loop.time() < deadline:
+                leader = self._status.leader
+                if leader is not None and leader != self._self_address:
+                    return leader
+                await asyncio.sleep(0.01)
+            raise WriteOutcomeUnknown(
+                f"the leadership transfer was requested but no new leader was seen within "
+                f"{timeout:g} s (outcome unknown)")
+
+    def _require_leader(self, what: str) -> None:
+        if not self._node.running:
+            raise StateUnavailable("the state store is not running")
+        if not self._status.is_leader:
+            raise NotLeader(f"only the leader can {what}; the leader is "
+                            f"{self._status.leader or 'unknown (election in progress)'}",
+                            self._status.leader)
+
+    async def _change_membership(self, kind: str, address: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        word = "adding" if kind == "add" else "removing"
+        while True:
+            if kind == "add":
+                error = await self._raft_call(
+                    lambda raft, cb: raft.addNodeToCluster(address, cb), deadline)
+            else:
+                error = await self._raft_call(
+                    lambda raft, cb: raft.removeNodeFromCluster(address, cb), deadline)
+            if error == FAIL_REASON.SUCCESS:
+                return
+            if error is None:
+                raise WriteOutcomeUnknown(
+                    f"{word} {address}: outcome unknown — the change was handed to the leader "
+                    f"but not committed within {timeout:g} s; it may still commit (a new "
+                    f"member must be running for a 1-member cluster to commit it)")
+            if error == FAIL_REASON.REQUEST_DENIED and loop.time() < deadline:
+                # A new leader must apply its term's no-op before a membership change.
+                await asyncio.sleep(_MEMBERSHIP_RETRY_S)
+                self._require_leader(f"{'add' if kind == 'add' else 'remove'} a member")
+                continue
+            raise StateUnavailable(f"{word} {address} failed: "
+                                   f"{_FAIL_WORDS.get(error, 'the leader refused it')}")
+
+    async def _raft_call(self, start: Any, deadline: float) -> int | None:
+        """Run `start(syncobj, callback)` on the tick thread and wait for the callback's
+        error code until `deadline` (None if it did not come in time)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, int]] = loop.create_future()
+
+        def callback(result: Any, error: int) -> None:   # Raft thread
+            loop.call_soon_threadsafe(_resolve, future, result, error)
+
+        await asyncio.wrap_future(self._node.call(lambda raft: start(raft, callback)))
+        try:
+            _, error = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return None
+        return error
+
+    async def _wait_members(self, done: Any, timeout: float) -> tuple[str, ...]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done(self._status.members):
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        return self._status.members
+
+
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        valid = 0 < int(port) < 65536
+    except ValueError:
+        valid = False
+    if not valid:
+        raise CommandRejected("bad_address",
+                              f"a Raft address is IP:port (e.g. 10.0.0.5:8471), got {address!r}")
 
 
 def _resolve(future: asyncio.Future, result: Any, error: int) -> None:
@@ -312,4 +392,5 @@ _FAIL_WORDS = {
     FAIL_REASON.NOT_LEADER: "the node it was sent to is not the leader",
     FAIL_REASON.LEADER_CHANGED: "the leader changed before it committed",
     FAIL_REASON.REQUEST_DENIED: "the request was denied",
+    FAIL_REASON.UNKNOWN_OUTCOME: "its outcome is unknown",
 }

@@ -36,7 +36,7 @@ NODE_ID = "node-api-test"
 BACKENDS = [{"name": "llama.cpp", "model_formats": ["gguf"], "runs_on_cpu": True,
              "version": "test-build", "gpu_vendors": [], "available": True, "problem": None}]
 RAFT_KEYS = {"self_address", "leader", "is_leader", "term", "commit_index", "last_applied",
-             "has_quorum", "ready", "members"}
+             "has_quorum", "ready", "members", "peers", "storage_error"}
 
 
 # --- a node: store + HTTP app, on an event loop in a background thread ------------------------

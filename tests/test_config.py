@@ -137,6 +137,17 @@ def test_flags_override_the_environment(monkeypatch):
     assert config.log_level == "error"                     # env kept where no flag is given
 
 
+def test_raft_host_defaults_to_host_and_can_differ(monkeypatch):
+    assert Config.from_sources({"host": "10.0.0.5"}).raft_address == "10.0.0.5:8471"
+    config = Config.from_sources({"host": "0.0.0.0", "raft_host": "10.1.0.5"})
+    assert (config.host, config.raft_host, config.raft_address) == \
+        ("0.0.0.0", "10.1.0.5", "10.1.0.5:8471")
+    monkeypatch.setenv("GPUMESH_RAFT_HOST", "10.2.0.5")
+    assert Config.from_sources({}).raft_address == "10.2.0.5:8471"
+    with pytest.raises(ConfigError, match="--raft-host must be an IP address"):
+        Config.from_sources({"raft_host": "cluster.example"})
+
+
 def test_ipv6_host_is_accepted():
     assert Config.from_sources({"host": "::1"}).host == "::1"
 

@@ -16,7 +16,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ..daemon import configure_logging, run_daemon   # the daemon's imports only when needed
 
     flags = {name: getattr(args, name) for name in
-             ("data_dir", "host", "api_port", "raft_port", "node_name", "gpu_probe",
+             ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
               "reserved_memory_mib", "log_level")}
     try:
         config = Config.from_sources(flags)
@@ -31,6 +31,8 @@ def register(sub: Any) -> None:
     up.add_argument("--data-dir", help="state, keys and logs (default ~/.local/share/gpumesh; "
                     "env GPUMESH_DATA_DIR)")
     up.add_argument("--host", help="address for the API and Raft ports (default 127.0.0.1)")
+    up.add_argument("--raft-host", help="address for the Raft port when it must differ from "
+                    "--host, e.g. a cluster network (env GPUMESH_RAFT_HOST)")
     up.add_argument("--api-port", type=int, help="API port (default 8470)")
     up.add_argument("--raft-port", type=int, help="Raft port (default 8471)")
     up.add_argument("--node-name", help="a name for people (default: the hostname)")

@@ -1,0 +1,72 @@
+"""The pysyncobj internals gpumesh relies on, named in one place and checked against the pin.
+
+pysyncobj has no public hooks for these, and forking it is not worth it (../RAFT-NOTES.md
+§0). Every private attribute gpumesh reads or writes goes through this module, so a new
+pysyncobj version is one file to re-check. `check_version` refuses any version other than
+the one these accessors were written against (pyproject pins it too).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from pysyncobj import SyncObj
+from pysyncobj.version import VERSION
+
+__all__ = ["PINNED_VERSION", "check_version", "election_deadline", "set_election_deadline",
+           "next_heartbeat", "last_log_index", "last_response_times", "wake",
+           "leader_noop_applied"]
+
+PINNED_VERSION = "0.3.17"
+
+
+def check_version() -> None:
+    if VERSION != PINNED_VERSION:
+        raise RuntimeError(
+            f"gpumesh needs pysyncobj {PINNED_VERSION} (it reaches into its internals: "
+            f"mesh/raft/internals.py); {VERSION} is installed")
+
+
+def election_deadline(raft: SyncObj) -> float:
+    """When a follower or candidate next starts an election (monotonic seconds)."""
+    return raft._SyncObj__raftElectionDeadline
+
+
+def set_election_deadline(raft: SyncObj, when: float) -> None:
+    # Tick thread only. Used for the start-up quiet period and the leader-FIN hook.
+    raft._SyncObj__raftElectionDeadline = when
+
+
+def next_heartbeat(raft: SyncObj) -> float:
+    """When a leader next sends append_entries (monotonic seconds)."""
+    return raft._SyncObj__newAppendEntriesTime
+
+
+def last_log_index(raft: SyncObj) -> int:
+    return raft._SyncObj__raftLog[-1][1]
+
+
+def last_response_times(raft: SyncObj) -> dict[Any, float]:
+    """Leader only: node → monotonic time of its last append_entries answer."""
+    return dict(raft._SyncObj__lastResponseTime)
+
+
+def leader_noop_applied(raft: SyncObj) -> bool:
+    """A new leader may change the membership only after its term's no-op is applied."""
+    noop = raft._SyncObj__noopIDx
+    return noop is not None and raft.raftLastApplied >= noop
+
+
+def wake(raft: SyncObj) -> None:
+    """Wake the tick thread's poll (pysyncobj's pipe notifier; needs appendEntriesUseBatch=False)."""
+    notifier = getattr(raft, "_SyncObj__pipeNotifier", None)
+    if notifier is None:
+        return
+    try:
+        notifier.notify()
+    except OSError as exc:   # pipe full: a wake-up is already pending, which is all we want
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise
+
+
