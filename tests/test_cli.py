@@ -210,3 +210,77 @@ def test_bad_urls_say_why(given: str, problem: str) -> None:
     from gpumesh.mesh.client import normalise_url
     with pytest.raises(ValueError, match=problem):
         normalise_url(given)
+
+
+# --- deploy -f: spec files ----------------------------------------------------------------
+
+SPEC = """\
+# two models from one file; paths are relative to the file
+models:
+  - source: ./tiny-chat.gguf
+    replicas: 1
+  - name: spare
+    source: tiny-chat.gguf
+    replicas: 0
+    context_length: 128
+"""
+
+
+def test_a_spec_file_applied_twice_changes_nothing(node: Daemon, workdir: Path,
+                                                   tiny_model: Path) -> None:
+    env = {"GPUMESH_DATA_DIR": str(node.data_dir)}
+    spec = workdir / "spec.yaml"
+    spec.write_text(SPEC)
+    elsewhere = workdir / "a-shell-elsewhere"
+    elsewhere.mkdir()
+    first = gpumesh("deploy", "-f", str(spec), "--wait", "--timeout", "60", "--json",
+                    cwd=elsewhere, **env)
+    assert first.returncode == 0, first.stderr
+    assert [(s["name"], s["action"]) for s in json.loads(first.stdout)] == [
+        ("tiny-chat", "create"), ("spare", "create")]
+    before = node.api("/api/models")[1]["data"]
+    assert [m["status"] for m in before] == ["stopped", "running"]          # sorted by name
+
+    again = gpumesh("deploy", "-f", str(spec), cwd=elsewhere, **env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == ["tiny-chat: unchanged", "spare: unchanged"]
+    assert node.api("/api/models")[1]["data"] == before                     # same records, same instances
+
+    spec.write_text(SPEC.replace("replicas: 0", "replicas: 2"))
+    scaled = gpumesh("deploy", "-f", str(spec), cwd=elsewhere, **env)
+    assert "spare: scaled 0 → 2 replica(s)" in scaled.stdout
+    assert node.api("/api/models/spare")[1]["created"] == before[0]["created"]
+
+    spec.write_text(SPEC.replace("replicas: 0", "replicas: 2").replace("context_length: 128",
+                                                                      "context_length: 64"))
+    changed = gpumesh("deploy", "-f", str(spec), cwd=elsewhere, **env)
+    assert changed.returncode == 1
+    assert f"{spec}:8: model 'spare' exists with other settings (context_length 128 → 64)" \
+        in changed.stderr and "--replace" in changed.stderr
+    assert node.api("/api/models/spare")[1]["replicas"] == 2               # refused before any change
+    replaced = gpumesh("deploy", "-f", str(spec), "--replace", cwd=elsewhere, **env)
+    assert replaced.returncode == 0 and "spare: replaced" in replaced.stdout
+    assert node.api("/api/models/spare")[1]["context_length"] == 64
+    for name in ("spare", "tiny-chat"):
+        assert gpumesh("rm", name, cwd=workdir, **env).returncode == 0
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ("source: tiny-chat.gguf\nreplica: 2\n", 2, "unknown field 'replica' (did you mean 'replicas'?)"),
+    ("source: tiny-chat.gguf\nname: ok\nname: again\n", 3, "'name' appears twice (first on line 2)"),
+    ("models:\n  - name: a\n    source: tiny-chat.gguf\n  - name: a\n    source: x/y\n", 4,
+     "model 'a' is also described on line 2"),
+    ("name: tiny\nsource: [unclosed\n", 3, "not valid YAML"),
+    ("name: n1\nsource: ./absent.gguf\n", 2, "does not exist"),
+    ("models:\n  - name: n2\n    source: tiny-chat.gguf\n    replicas: 65\n", 4,
+     "n2: replicas must be a whole number from 0 to 64"),            # the node's own check
+    ("models:\n- source: tiny-chat.gguf\n  name: 模型\n", 3, "names are ASCII"),
+])
+def test_spec_file_errors_name_the_line(node: Daemon, workdir: Path, tiny_model: Path,
+                                        text: str, line: int, message: str) -> None:
+    spec = workdir / "bad.yaml"
+    spec.write_text(text)
+    result = gpumesh("deploy", "-f", str(spec), cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.returncode == 2, result.stderr
+    assert f"{spec}:{line}: " in result.stderr and message in result.stderr, result.stderr
+    assert node.api("/api/models")[1]["data"] == []

@@ -16,13 +16,25 @@ __all__ = ["register", "wait_running"]
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.file:
+        given = [flag for flag, value in (("PATH_OR_REPO", args.source), ("--name", args.name),
+                                          ("--backend", args.backend),
+                                          ("--context-length", args.context_length),
+                                          ("--arg", args.arg), ("--replicas", args.replicas))
+                 if value is not None]
+        if given:
+            raise CliError(f"-f takes every field from the file; drop {', '.join(given)}",
+                           Exit.USAGE)
         from .specfile import apply_spec_file      # only `deploy -f` needs YAML
         return apply_spec_file(args)
     if not args.source:
         raise CliError("deploy needs PATH_OR_REPO, or -f SPEC.yaml", Exit.USAGE)
+    if args.replace:
+        raise CliError("--replace goes with -f (a plain deploy of an existing name is "
+                       "refused; `gpumesh rm NAME` first)", Exit.USAGE)
     client = client_for(args)
     spec: dict[str, Any] = {"source": absolute_if_local(args.source),
-                            "replicas": args.replicas, "args": args.arg or []}
+                            "replicas": 1 if args.replicas is None else args.replicas,
+                            "args": args.arg or []}
     for field in ("name", "backend", "context_length"):
         if getattr(args, field) is not None:
             spec[field] = getattr(args, field)
@@ -160,12 +172,15 @@ def register(sub: Any) -> None:
                         "or repo name); ASCII letters, digits and . _ : / -, at most 128")
     deploy.add_argument("--backend", help="engine to use (default: chosen by model format; "
                         "`gpumesh backends` lists them)")
-    deploy.add_argument("--replicas", type=int, default=1, help="instances to run (default 1)")
+    deploy.add_argument("--replicas", type=int, help="instances to run (default 1)")
     deploy.add_argument("--context-length", type=int, metavar="TOKENS",
                         help="context window (default: the model's, at most 4096; more than "
                              "the model was trained for is refused)")
     deploy.add_argument("--arg", action="append", metavar="ENGINE_ARG",
                         help="extra engine argument (repeatable), e.g. --arg=--embeddings")
+    deploy.add_argument("--replace", action="store_true",
+                        help="with -f: a model whose source, backend, context or args differ "
+                             "from the file is removed and deployed again (else refused)")
     _wait_flags(deploy)
 
     add_client_command(sub, "models", cmd_models, "list models", aliases=("ls",))
