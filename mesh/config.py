@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .probes import PROBE_KINDS
+
 __all__ = ["Config", "ConfigError", "default_data_dir"]
 
 DEFAULT_API_PORT = 8470
@@ -51,6 +53,9 @@ class Config:
                            metadata={"flag": "--node-name", "env": "GPUMESH_NODE_NAME"})
     gpu_probe: str = field(default="auto",
                            metadata={"flag": "--gpu-probe", "env": "GPUMESH_GPU_PROBE"})
+    # The device indices this node offers ("0,1"); None: every device the probe finds.
+    gpus: tuple[int, ...] | None = field(default=None,
+                                         metadata={"flag": "--gpus", "env": "GPUMESH_GPUS"})
     # Memory the scheduler leaves to the OS and the daemon on every node.
     reserved_memory_mib: int = field(default=1024,
                                      metadata={"flag": "--reserved-memory-mib",
@@ -90,10 +95,13 @@ class Config:
             raise ConfigError(f"--raft-host must be an IP address (default: --host), "
                               f"got {self.raft_host!r}") from None
         probe = str(self.gpu_probe).lower()
-        if probe not in ("auto", "nvidia", "amd", "cpu"):
-            raise ConfigError(f"--gpu-probe must be auto, nvidia, amd or cpu (default auto), "
-                              f"got {self.gpu_probe!r}")
+        if probe not in PROBE_KINDS:
+            raise ConfigError(f"--gpu-probe must be one of {', '.join(PROBE_KINDS)} "
+                              f"(default auto), got {self.gpu_probe!r}")
         self.gpu_probe = probe
+        self.gpus = _gpu_list(self.gpus)
+        if self.gpus is not None and probe == "cpu":
+            raise ConfigError("--gpus cannot be combined with --gpu-probe cpu (which offers no GPUs)")
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -132,6 +140,24 @@ def _int(value: object, name: str, minimum: int) -> int:
     if number < minimum:
         raise ConfigError(f"{_flag(name)} must be at least {minimum}, got {number}")
     return number
+
+
+def _gpu_list(value: object) -> tuple[int, ...] | None:
+    """"0,1" (flag or env) or a sequence -> (0, 1); None or "" -> None (every device)."""
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    indices: list[int] = []
+    for part in parts:
+        text = str(part).strip()
+        if not text.isdigit():
+            raise ConfigError(f"--gpus must list device indices like 0,1 (default: every "
+                              f"device), got {value!r}")
+        if int(text) not in indices:
+            indices.append(int(text))
+    if not indices:
+        raise ConfigError(f"--gpus must list at least one device index, got {value!r}")
+    return tuple(indices)
 
 
 def _port(value: object, name: str) -> int:

@@ -159,7 +159,7 @@ class Daemon:
     async def _probe_part(self, app: web.Application) -> AsyncIterator[None]:
         """What this machine has: GPUs (or none), and what each engine installed here can use."""
         probe, backends = await asyncio.gather(
-            asyncio.to_thread(open_probe, self.config.gpu_probe),
+            asyncio.to_thread(open_probe, self.config.gpu_probe, self.config.gpus),
             asyncio.to_thread(describe_backends), return_exceptions=True)
         if isinstance(backends, BaseException):
             if not isinstance(probe, BaseException):
@@ -177,8 +177,10 @@ class Daemon:
         """Per-second readings of this node, from start-up until the probe closes."""
         assert self.probe is not None
         self.telemetry.start(self.probe)
-        yield
-        await asyncio.to_thread(self.telemetry.stop)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.telemetry.stop)
 
     async def _store_part(self, app: web.Application) -> AsyncIterator[None]:
         await self.store.start()

@@ -4,3 +4,32 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# --- the `gpu` marker ---------------------------------------------------------------------------
+# Tests marked `gpu` need an NVIDIA GPU. On a machine without one they are skipped with the
+# probe's own reason; on the GPU machine the same command runs them (`pytest -m gpu` runs only
+# them). The check opens NVML once per session, and only when a selected test carries the mark.
+
+import pytest  # noqa: E402
+
+
+def _no_gpu_reason() -> str | None:
+    from gpumesh.mesh.probes import NvidiaProbe, ProbeUnavailable
+
+    try:
+        NvidiaProbe().close()
+    except ProbeUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = _no_gpu_reason()
+    if reason is not None:
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {reason}")
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -236,7 +236,7 @@ def test_bad_host_from_the_environment(monkeypatch):
 def test_bad_gpu_probe(probe):
     message = _error({"gpu_probe": probe})
     assert "--gpu-probe" in message
-    assert "auto, nvidia, amd or cpu" in message
+    assert "auto, nvidia, amd, hygon, ascend, mthreads, iluvatar, metax, cambricon, cpu" in message
     assert "default auto" in message
     assert repr(probe) in message
 

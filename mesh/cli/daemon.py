@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..probes import PROBE_KINDS
 from .output import CliError, Exit
 
 __all__ = ["register"]
@@ -17,7 +18,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in
              ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
-              "reserved_memory_mib", "log_level")}
+              "gpus", "reserved_memory_mib", "log_level")}
     try:
         config = Config.from_sources(flags)
     except ConfigError as exc:
@@ -36,8 +37,11 @@ def register(sub: Any) -> None:
     up.add_argument("--api-port", type=int, help="API port (default 8470)")
     up.add_argument("--raft-port", type=int, help="Raft port (default 8471)")
     up.add_argument("--node-name", help="a name for people (default: the hostname)")
-    up.add_argument("--gpu-probe", choices=["auto", "nvidia", "amd", "cpu"],
-                    help="which GPUs to look for (default auto: NVIDIA, then AMD, then none)")
+    up.add_argument("--gpu-probe", choices=PROBE_KINDS,
+                    help="which accelerators to look for (default auto: NVIDIA, AMD, then the "
+                    "other vendors' tools, else none)")
+    up.add_argument("--gpus", help="offer only these device indices, e.g. 0,1 (default: all; "
+                    "env GPUMESH_GPUS)")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],

@@ -108,7 +108,7 @@ class AmdProbe(VendorProbe):
     name = "amd"
     label = "AMD"
 
-    def __init__(self, *, cpu: CpuProbe | None = None) -> None:
+    def __init__(self, *, cpu: CpuProbe | None = None, gpus: tuple[int, ...] | None = None) -> None:
         amdsmi = _import_amdsmi()
         try:
             amdsmi.amdsmi_init(amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)
@@ -116,7 +116,7 @@ class AmdProbe(VendorProbe):
             raise ProbeUnavailable(f"amdsmi_init failed: {_error_text(exc)}") from exc
 
         self._amdsmi = amdsmi
-        self._open(cpu)
+        self._open(cpu, gpus)
 
 
     def _open_devices(self) -> list[OpenedDevice]:

@@ -92,7 +92,7 @@ class NvidiaProbe(VendorProbe):
     name = "nvidia"
     label = "NVIDIA"
 
-    def __init__(self, *, cpu: CpuProbe | None = None) -> None:
+    def __init__(self, *, cpu: CpuProbe | None = None, gpus: tuple[int, ...] | None = None) -> None:
         try:
             import pynvml
         except ImportError as exc:
@@ -106,7 +106,7 @@ class NvidiaProbe(VendorProbe):
 
         self._nvml = pynvml
         self._warned_memory: set[int] = set()
-        self._open(cpu)
+        self._open(cpu, gpus)
 
     def _open_devices(self) -> list[OpenedDevice]:
         nvml = self._nvml

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self, get_args
 
+from gpumesh.accelerators import VENDORS
+
 __all__ = [
     "GpuDevice",
+    "select_gpus",
     "NodeInventory",
     "Probe",
     "ProbeError",
@@ -22,8 +25,9 @@ __all__ = [
     "Vendor",
 ]
 
-Vendor = Literal["nvidia", "amd"]
+Vendor = Literal["nvidia", "amd", "hygon", "ascend", "cambricon", "mthreads", "iluvatar", "metax"]
 _VENDORS: frozenset[str] = frozenset(get_args(Vendor))
+assert _VENDORS == frozenset(VENDORS), "Vendor and gpumesh.accelerators.VENDORS must agree"
 
 
 class ProbeError(RuntimeError):
@@ -42,8 +46,10 @@ def _opt_float(value: Any) -> float | None:
 class GpuDevice:
     """One GPU as the vendor library reports it.
 
-    ``index`` is the vendor library's own index (NVML's, AMD SMI's), i.e. the physical
-    enumeration on this node, not an index relative to ``CUDA_VISIBLE_DEVICES``.
+    ``index`` is the vendor library's own index (NVML's, AMD SMI's, npu-smi's logic id ...),
+    i.e. the physical enumeration on this node, not an index relative to
+    ``CUDA_VISIBLE_DEVICES``: it is what the vendor's visibility variable takes
+    (``gpumesh.accelerators.VISIBLE_DEVICES_ENV``).
     Readings a device does not support are ``None`` rather than a made-up zero.
     """
 
@@ -162,3 +168,20 @@ class Probe(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+def select_gpus(found: tuple[int, ...] | list[int], wanted: tuple[int, ...] | None,
+                label: str) -> set[int]:
+    """The device indices a node offers: all it found, or exactly ``--gpus``.
+
+    Raises :class:`ProbeUnavailable` naming what exists when ``--gpus`` asks for an index
+    the vendor tool did not report: a typo must not silently give a node fewer GPUs.
+    """
+    if wanted is None:
+        return set(found)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        have = ", ".join(str(i) for i in sorted(found)) or "none"
+        raise ProbeUnavailable(f"--gpus {','.join(map(str, wanted))}: this node has no {label} "
+                               f"GPU {', '.join(map(str, missing))} (it has {have})")
+    return set(wanted)

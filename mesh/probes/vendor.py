@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from .cpu import CpuProbe
-from .types import GpuDevice, NodeInventory, Probe, ProbeError
+from .types import GpuDevice, NodeInventory, Probe, ProbeError, select_gpus
 
 __all__ = ["OpenedDevice", "VendorProbe"]
 
@@ -29,13 +29,16 @@ class OpenedDevice:
 class VendorProbe(Probe):
     label: str = ""   # "NVIDIA", "AMD": for messages
 
-    def _open(self, cpu: CpuProbe | None) -> None:
-        """Call once the vendor library is initialised; undoes that init if listing fails."""
+    def _open(self, cpu: CpuProbe | None, gpus: tuple[int, ...] | None = None) -> None:
+        """Call once the vendor library is initialised; undoes that init if listing fails.
+        ``gpus`` (``--gpus``) keeps only those indices; the others are never read."""
         self._lock = threading.Lock()
         self._closed = False
         self._cpu = cpu if cpu is not None else CpuProbe()
         try:
-            self._devices = self._open_devices()
+            devices = self._open_devices()
+            offered = select_gpus([d.index for d in devices], gpus, self.label)
+            self._devices = [d for d in devices if d.index in offered]
         except BaseException:
             self._shutdown()
             raise
