@@ -251,10 +251,11 @@ def test_ctrl_c_during_start_up_stops_it(workdir: Path) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             raise AssertionError(f"Ctrl-C {delay} s into start-up was ignored")
-        # 130: interrupted while Python was still importing, before anything started;
-        # 0: the daemon's own handler stopped start-up and undid what it had begun.
-        assert process.returncode in (0, 130), output
-        assert process.returncode == 130 or "stopped" in output
+        # 130 or -SIGINT: interrupted while Python was still importing, before anything
+        # started (Python re-raises the signal on an uncaught KeyboardInterrupt, which Popen
+        # reports as -2); 0: the daemon's own handler stopped start-up and undid its work.
+        assert process.returncode in (0, 130, -signal.SIGINT), output
+        assert process.returncode != 0 or "stopped" in output
 
 
 def test_a_failed_start_says_why_and_exits_1(workdir: Path) -> None:
