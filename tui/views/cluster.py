@@ -1,0 +1,107 @@
+"""1 Cluster: the nodes (role, state, address, GPUs, load), Raft, and the cluster's story."""
+
+from __future__ import annotations
+
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.markup import escape
+from textual.widgets import DataTable, Log, Static
+
+from ..format import gib, percent
+from ..widgets import cursor_key, sync_rows
+from .base import View, matches
+
+__all__ = ["ClusterView"]
+
+COLUMNS = ("NODE", "STATE", "ROLE", "GPUS", "LOAD", "RAM", "INST", "ADDRESS", "VERSION")
+
+
+class ClusterView(View):
+    MODE = "cluster"
+    TOPICS = frozenset({"nodes", "raft", "instances", "telemetry", "log"})
+    HELP_TEXT = ("Every node of the cluster as the attached node (marked *) sees it. A node "
+                 "that stops answering shows as unreachable within a second.")
+    BINDINGS = [
+        Binding("enter", "show_gpus", "GPUs of node", id="cluster.gpus"),
+        Binding("a", "attach", "Attach here", id="cluster.attach"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        yield Static(id="summary")
+        table: DataTable = DataTable(id="nodes", cursor_type="row", zebra_stripes=True)
+        for column in COLUMNS:
+            table.add_column(column, key=column)
+        yield table
+        yield Log(id="events", max_lines=500, auto_scroll=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._log_seen = 0
+        self.query_one("#events", Log).border_title = "events"
+
+    def redraw(self, topics: set[str]) -> None:
+        model = self.app.model
+        self.query_one("#summary", Static).update(self._summary())
+        if topics & {"nodes", "raft", "instances", "telemetry"}:
+            rows = []
+            for node in sorted(model.nodes.values(), key=lambda n: n.get("name", n["id"])):
+                cells = self._row(node)
+                if matches(self.filter_text, cells):
+                    rows.append((node["id"], cells))
+            sync_rows(self.query_one("#nodes", DataTable), rows)
+        if "log" in topics:
+            lines = model.new_log_lines(self._log_seen)
+            self._log_seen = model.log_total
+            if lines:
+                self.query_one("#events", Log).write_lines(
+                    f"{time.strftime('%H:%M:%S', time.localtime(t))} {line}" for t, line in lines)
+
+    def _row(self, node: dict) -> tuple:
+        model = self.app.model
+        used, total = model.node_memory(node["id"])
+        name = ("* " if node["id"] == model.node_id else "  ") + node.get("name", node["id"])
+        return (name, model.node_state(node["id"]), model.role(node),
+                str(len(model.gpus_of(node["id"]))), percent(model.node_load(node["id"])),
+                f"{gib(used)}/{gib(total)}", str(len(model.instances_on(node["id"]))),
+                (node.get("api_url") or "-").removeprefix("http://"), node.get("version", "-"))
+
+    def _summary(self) -> str:
+        model = self.app.model
+        states = [model.node_state(n) for n in model.nodes]
+        ready = states.count("ready")
+        down = len(states) - ready
+        gpus = sum(len(model.gpus_of(n)) for n in model.nodes)
+        raft = model.raft
+        leader = model.leader_node_id()
+        leader_name = model.nodes[leader].get("name", leader) if leader else (
+            raft.get("leader") or "none")
+        attached = model.nodes.get(model.node_id or "", {})
+        quorum = "yes" if raft.get("has_quorum") else "NO"
+        leader_name, attached_name = escape(str(leader_name)), escape(
+            str(attached.get("name", model.node_id or "-")))
+        return (f"[b]{len(states)} node(s)[/b], {ready} ready"
+                + (f", [b]{down} not ready[/b]" if down else "")
+                + f" · {gpus} GPU(s) · {len(model.models)} model(s) · "
+                f"{len(model.instances)} instance(s)\n"
+                f"Raft: leader [b]{leader_name}[/b] · term {raft.get('term', '-')} · quorum "
+                f"{quorum} · {len(raft.get('members') or [])} member(s) · attached to "
+                f"[b]{attached_name}[/b] "
+                f"({self.app.client.url.removeprefix('http://')})")
+
+    async def action_show_gpus(self) -> None:
+        key = cursor_key(self.query_one("#nodes", DataTable))
+        if key is None:
+            return
+        await self.app.switch_mode("gpus")
+        self.app.screen.focus_node(key)      # type: ignore[attr-defined]
+
+    def action_attach(self) -> None:
+        key = cursor_key(self.query_one("#nodes", DataTable))
+        node = self.app.model.nodes.get(key or "")
+        if node and node.get("api_url"):
+            self.app.attach(node["api_url"])
+
+    async def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        await self.action_show_gpus()

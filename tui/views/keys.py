@@ -1,0 +1,155 @@
+"""5 Keys and users: API keys (create: shown once, easy to copy; revoke; expiry) and the
+users that own them."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Static
+
+from ..client import ApiError
+from ..modals import ConfirmModal, KeyShownModal, NewKeyModal
+from ..widgets import cursor_key, sync_rows
+from .base import View, matches
+
+__all__ = ["KeysView"]
+
+KEY_COLUMNS = ("KEY", "NAME", "ROLE", "USER", "CREATED", "EXPIRES", "MODELS")
+USER_COLUMNS = ("USER", "ROLE", "KEYS", "LIMITS")
+
+
+class KeysView(View):
+    MODE = "keys"
+    TOPICS = frozenset({"api_keys", "users", "clock"})
+    HELP_TEXT = "API keys and their users. A new key is shown once: copy it then."
+    BINDINGS = [
+        Binding("n", "new_key", "New key", id="keys.new"),
+        Binding("x", "revoke", "Revoke", id="keys.revoke"),
+        Binding("ctrl+d", "revoke", "Revoke", show=False, id="keys.delete"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        keys: DataTable = DataTable(id="keys", cursor_type="row", zebra_stripes=True)
+        for column in KEY_COLUMNS:
+            keys.add_column(column, key=column)
+        yield keys
+        yield Static(id="users-note")
+        users: DataTable = DataTable(id="users", cursor_type="row", zebra_stripes=True)
+        for column in USER_COLUMNS:
+            users.add_column(column, key=column)
+        yield users
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.users: list[dict[str, Any]] | None = None   # None: not fetched, or no API
+        self.query_one("#keys", DataTable).border_title = "API keys"
+        self.query_one("#users", DataTable).border_title = "users"
+
+    def on_screen_resume(self) -> None:
+        super().on_screen_resume()
+        self._fetch_users()
+
+    def redraw(self, topics: set[str]) -> None:
+        if "api_keys" in topics and self.users is not None:
+            self._fetch_users()                # key counts per user follow the keys
+        now = self.app.model.clock()
+        rows = []
+        for key in sorted(self.app.model.api_keys.values(), key=lambda k: k.get("created", 0)):
+            cells = (key["id"], key.get("name", "-"), key.get("role", "-"),
+                     key.get("user") or "-", _date(key.get("created")),
+                     _expiry(key.get("expires"), now),
+                     ",".join(key.get("models") or []) or "all")
+            if matches(self.filter_text, cells):
+                rows.append((key["id"], cells))
+        sync_rows(self.query_one("#keys", DataTable), rows)
+        self._draw_users()
+
+    def _draw_users(self) -> None:
+        table = self.query_one("#users", DataTable)
+        note = self.query_one("#users-note", Static)
+        table.display = self.users is not None
+        if self.users is None:
+            note.update("no users API on this node yet (GET /api/users): keys only")
+            return
+        note.update("")
+        counts: dict[str, int] = {}
+        for key in self.app.model.api_keys.values():
+            if key.get("user"):
+                counts[key["user"]] = counts.get(key["user"], 0) + 1
+        rows = []
+        for user in sorted(self.users, key=lambda u: u.get("id", "")):
+            limits = user.get("limits") or {}
+            cells = (user.get("id", "-"), user.get("role", "-"),
+                     str(counts.get(user.get("id", ""), 0)),
+                     " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-")
+            if matches(self.filter_text, cells):
+                rows.append((str(user.get("id")), cells))
+        sync_rows(table, rows)
+
+    @work(group="users", exclusive=True, exit_on_error=False)
+    async def _fetch_users(self) -> None:
+        try:
+            reply = await self.app.client.get("/api/users")
+        except ApiError as exc:
+            if not exc.missing_route:
+                self.notify(f"users: {exc}", severity="warning", timeout=5)
+            self.users = None
+        else:
+            self.users = reply.get("data", []) if isinstance(reply, dict) else list(reply)
+        self._draw_users()
+
+    # --- create and revoke -----------------------------------------------------------------
+
+    @work(group="keys-actions", exit_on_error=False)
+    async def action_new_key(self) -> None:
+        users = [str(u.get("id")) for u in self.users or []]
+        body = await self.app.push_screen_wait(NewKeyModal(["admin", "user"], users))
+        if body is None:
+            return
+        try:
+            created = await self.app.client.post("/api/keys", body)
+        except ApiError as exc:
+            message = ("this node has no keys API yet (POST /api/keys)" if exc.missing_route
+                       else f"creating the key failed: {exc}")
+            self.notify(message, severity="error", timeout=8)
+            return
+        await self.app.push_screen_wait(KeyShownModal(created.get("key", "?"), body["name"]))
+
+    @work(group="keys-actions", exit_on_error=False)
+    async def action_revoke(self) -> None:
+        key_id = cursor_key(self.query_one("#keys", DataTable))
+        record = next((k for k in self.app.model.api_keys.values() if k["id"] == key_id), None)
+        if record is None:
+            return
+        if not await self.app.push_screen_wait(ConfirmModal(
+                f"Revoke key {key_id} ({record.get('name', '-')})? Every node refuses it "
+                "from now on.", yes="Revoke", destructive=True)):
+            return
+        try:
+            await self.app.client.delete("/api/keys/" + urllib.parse.quote(key_id, safe=""))
+        except ApiError as exc:
+            message = ("this node has no keys API yet (DELETE /api/keys/{id})"
+                       if exc.missing_route else f"revoking {key_id} failed: {exc}")
+            self.notify(message, severity="error", timeout=8)
+        else:
+            self.notify(f"revoked {key_id}", timeout=3)
+
+
+def _date(when: Any) -> str:
+    if not isinstance(when, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d", time.localtime(when))
+
+
+def _expiry(when: Any, now: float) -> str:
+    if not isinstance(when, (int, float)):
+        return "never"
+    if when <= now:
+        return "EXPIRED"
+    days = (when - now) / 86400
+    return f"{_date(when)} ({days:.0f}d)" if days >= 1 else f"in {(when - now) / 3600:.0f}h"
