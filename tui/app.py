@@ -26,6 +26,7 @@ from textual.screen import Screen
 from .client import ApiError, NodeClient
 from .modals import HelpModal, NodePickerModal
 from .store import ClusterModel
+from .views.base import View
 from .views.cluster import ClusterView
 from .views.gpus import GpusView
 from .views.instances import InstancesView
@@ -130,11 +131,11 @@ class GpumeshConsole(App[int]):
         history = self.history_s if not self.model.series else min(self.history_s, 60)
         try:
             async for event, data in self.client.events(url, history=history):
+                self.apply(event, data)
                 if event == "snapshot":
                     self.failures = 0
                     self.attached_url = url
                     self._set_link("live", url)
-                self.apply(event, data)
         except ApiError as exc:
             return str(exc)
         return "the node closed the stream (stopping?)"
@@ -161,7 +162,10 @@ class GpumeshConsole(App[int]):
 
     def _set_link(self, state: str, url: str, problem: str = "") -> None:
         self.connection = state
-        node = next((n for n in self.model.nodes.values() if n.get("api_url") == url), None)
+        if state == "live":                  # the node that answered says who it is
+            node = self.model.nodes.get(self.model.node_id or "")
+        else:
+            node = next((n for n in self.model.nodes.values() if n.get("api_url") == url), None)
         where = node.get("name", url) if node else url.removeprefix("http://")
         self.link_text = {
             "live": f"● live · {where} ",
@@ -187,7 +191,8 @@ class GpumeshConsole(App[int]):
         if isinstance(self.screen, HelpModal):
             self.pop_screen()
             return
-        sections = [("Everywhere", _keys(self, self.BINDINGS))]
+        sections = [("Everywhere", _keys(self, self.BINDINGS)),
+                    ("In every view", _keys(self, View.BINDINGS))]
         for mode, digit, label in VIEWS:
             view = self.MODES[mode]
             sections.append((f"{digit} {label}", _keys(self, view.BINDINGS)))   # type: ignore[union-attr]

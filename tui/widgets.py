@@ -23,7 +23,7 @@ class NavBar(Horizontal):
 
     DEFAULT_CSS = """
     NavBar { height: 1; dock: top; background: $panel; }
-    NavBar > #views { width: 1fr; }
+    NavBar > #views { width: 1fr; min-width: 52; text-wrap: nowrap; }
     NavBar > #link { width: auto; max-width: 50%; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
@@ -38,11 +38,11 @@ class NavBar(Horizontal):
     def _views(self) -> str:
         parts = []
         for mode, digit, label in VIEWS:
-            text = f" {digit} {label} "
+            text = f"{digit} {label}"
             if mode == self.mode:
-                parts.append(f"[reverse b]{text}[/]")
+                parts.append(f"[reverse b] {text} [/]")
             else:
-                parts.append(f"[@click=app.switch_mode('{mode}')]{text}[/]")
+                parts.append(f"[@click=app.switch_mode('{mode}')] {text} [/]")
         return "".join(parts)
 
     def show_link(self, text: str) -> None:

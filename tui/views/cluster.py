@@ -86,9 +86,9 @@ class ClusterView(View):
                 + f" · {gpus} GPU(s) · {len(model.models)} model(s) · "
                 f"{len(model.instances)} instance(s)\n"
                 f"Raft: leader [b]{leader_name}[/b] · term {raft.get('term', '-')} · quorum "
-                f"{quorum} · {len(raft.get('members') or [])} member(s) · attached to "
+                f"{quorum} · {len(raft.get('members') or [])} member(s) · attached: "
                 f"[b]{attached_name}[/b] "
-                f"({self.app.client.url.removeprefix('http://')})")
+                f"({escape(str(attached.get('api_url', self.app.client.url)))})")
 
     async def action_show_gpus(self) -> None:
         key = cursor_key(self.query_one("#nodes", DataTable))

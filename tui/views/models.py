@@ -42,7 +42,9 @@ class ModelsView(View):
     def compose_body(self) -> ComposeResult:
         table: DataTable = DataTable(id="models", cursor_type="row", zebra_stripes=True)
         for column in COLUMNS:
-            table.add_column(column, key=column)
+            # Sources and reasons can be long: the detail line below has them in full.
+            table.add_column(column, key=column,
+                             width={"SOURCE": 26, "REASON": 40}.get(column))
         yield table
         yield Static(id="detail")
 

@@ -97,6 +97,7 @@ class UsageView(View):
 
     def redraw(self, topics: set[str]) -> None:
         table = self.query_one("#usage", DataTable)
+        self.set_class(self.rows is None, "-no-api")
         table.display = self.rows is not None
         rows = []
         for row in _group(self.rows or [], self.group_by):
