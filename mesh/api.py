@@ -1,4 +1,5 @@
-"""The management API under /api, on every node. Admin key required (except /api/health).
+"""The management API under /api, on every node. Admin key required (except /api/health and
+/api/join). The cluster's own routes (status, nodes, joins) live in cluster_api.py.
 
 Reads are served from this node's replica of the state (they may trail the leader by a
 commit); writes are replicated commands, committed before the answer. Errors use the same
@@ -8,13 +9,11 @@ OpenAI-shaped body as the gateway, so one client parses both.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from typing import Any, Callable
 
 from aiohttp import web
 
-from gpumesh import __version__
 from .auth import ADMIN, hash_key, key_from_request
 from .errors import openai_error
 from .deployments import DeploymentError, build_model_record, validate_replicas
@@ -22,6 +21,8 @@ from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
 
+# No key: liveness checks, and a newcomer proving a join token (cluster_api.py).
+_OPEN_PATHS = ("/api/health", "/api/join")
 _REJECTION_STATUS = {"model_exists": 409, "model_not_found": 404, "instance_not_found": 404}
 
 
@@ -36,8 +37,6 @@ class ManagementApi:
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/api/health", self.health)
-        r.add_get("/api/status", self.status)
-        r.add_get("/api/nodes", self.list_nodes)
         r.add_get("/api/backends", self.list_backends)
         r.add_get("/api/models", self.list_models)
         r.add_post("/api/models", self.create_model)
@@ -49,7 +48,7 @@ class ManagementApi:
     @web.middleware
     async def require_admin(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Middleware for /api/*: an admin key, or 401/403 in the OpenAI error shape."""
-        if not request.path.startswith("/api/") or request.path == "/api/health":
+        if not request.path.startswith("/api/") or request.path in _OPEN_PATHS:
             return await handler(request)
         key = key_from_request(request)
         record = self._store.view.api_key(hash_key(key)) if key else None
@@ -65,21 +64,6 @@ class ManagementApi:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
-
-    async def status(self, request: web.Request) -> web.Response:
-        view = self._store.view
-        return web.json_response({
-            "version": __version__,
-            "node_id": self._node_id,
-            "uptime_s": round(time.time() - self._started, 1),
-            "raft": self._store.status.to_dict(),
-            "counts": {"nodes": len(view.nodes), "models": len(view.models),
-                       "instances": len(view.instances)},
-        })
-
-    async def list_nodes(self, request: web.Request) -> web.Response:
-        return web.json_response({"data": sorted(self._store.view.nodes.values(),
-                                                 key=lambda n: n["name"])})
 
     async def list_backends(self, request: web.Request) -> web.Response:
         return web.json_response({"data": self._local_backends()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -45,6 +46,20 @@ class Config:
     # Empty: the same as --host.
     raft_host: str = field(default="",
                            metadata={"flag": "--raft-host", "env": "GPUMESH_RAFT_HOST"})
+    # The address peers use for this node (API and Raft); default: the bind address, or the
+    # primary interface's when bound to 0.0.0.0.
+    advertise: str | None = field(default=None,
+                                  metadata={"flag": "--advertise", "env": "GPUMESH_ADVERTISE"})
+    # Joining: a member's API (HOST[:PORT]) and a token from `gpumesh join-token`.
+    join: str | None = field(default=None, metadata={"flag": "--join", "env": "GPUMESH_JOIN"})
+    token: str | None = field(default=None,
+                              metadata={"flag": "--token", "env": "GPUMESH_TOKEN"})
+    discovery: str = field(default="mdns",
+                           metadata={"flag": "--discovery", "env": "GPUMESH_DISCOVERY"})
+    # mDNS runs on one interface only; default: the one holding the advertised address.
+    mdns_interface: str | None = field(default=None,
+                                       metadata={"flag": "--mdns-interface",
+                                                 "env": "GPUMESH_MDNS_INTERFACE"})
     api_port: int = field(default=DEFAULT_API_PORT,
                           metadata={"flag": "--api-port", "env": "GPUMESH_API_PORT"})
     raft_port: int = field(default=DEFAULT_RAFT_PORT,
@@ -102,6 +117,15 @@ class Config:
         self.gpus = _gpu_list(self.gpus)
         if self.gpus is not None and probe == "cpu":
             raise ConfigError("--gpus cannot be combined with --gpu-probe cpu (which offers no GPUs)")
+        self.advertise = _advertised_address(self.host, self.advertise)
+        self.discovery = str(self.discovery).lower()
+        if self.discovery not in ("mdns", "off"):
+            raise ConfigError(f"--discovery must be mdns or off (default mdns), "
+                              f"got {self.discovery!r}")
+        if self.join is not None:
+            if not self.token:
+                raise ConfigError("--join needs --token (run `gpumesh join-token` on a member)")
+            self.join = _join_address(str(self.join))
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -112,7 +136,7 @@ class Config:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.host}:{self.api_port}"
+        return f"http://{self.advertise}:{self.api_port}"
 
     @property
     def local_api_url(self) -> str:
@@ -125,7 +149,51 @@ class Config:
 
     @property
     def raft_address(self) -> str:
-        return f"{self.raft_host}:{self.raft_port}"
+        """This node's Raft identity, as its peers dial it: the advertised address, or
+        --raft-host when the Raft port listens on its own (cluster) network."""
+        raft_host = ipaddress.ip_address(self.raft_host)
+        if self.raft_host != self.host and not raft_host.is_unspecified:
+            return f"{self.raft_host}:{self.raft_port}"
+        return f"{self.advertise}:{self.raft_port}"
+
+
+def _advertised_address(host: str, advertise: str | None) -> str:
+    if advertise is None:
+        if not ipaddress.ip_address(host).is_unspecified:
+            return host
+        advertise = primary_address()
+        if advertise is None:
+            raise ConfigError(f"--host {host} listens everywhere, and this machine has no "
+                              f"default route to tell which address peers should use: "
+                              f"pass --advertise ADDRESS")
+    try:
+        address = ipaddress.ip_address(advertise)
+    except ValueError:
+        raise ConfigError(f"--advertise must be an IP address, got {advertise!r}") from None
+    if address.is_unspecified:
+        raise ConfigError(f"--advertise {advertise} is not an address peers can reach: "
+                          f"give this node's own address on the cluster's network")
+    return str(address)
+
+
+def primary_address() -> str | None:
+    """The address this machine uses towards the rest of the network (the default route's
+    source address), or None without a default route. No packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 9))   # routed like any remote address; UDP: nothing is sent
+        except OSError:
+            return None
+        return probe.getsockname()[0]
+
+
+def _join_address(value: str) -> str:
+    """`HOST[:PORT]` (or a URL) → `http://HOST:PORT` of a member's API."""
+    text = value.strip().removeprefix("http://").rstrip("/")
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", str(DEFAULT_API_PORT))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--join must be HOST[:PORT] of a member's API, got {value!r}")
+    return f"http://{host}:{int(port)}"
 
 
 def _flag(name: str) -> str:

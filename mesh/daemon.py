@@ -5,6 +5,11 @@ shutdown (the same contexts, in reverse)`. Each part is an async generator that 
 something, yields, and stops it; aiohttp enters them in order and, whatever happens, exits
 the ones it entered in reverse, so a start-up that fails half-way undoes only what it did.
 
+Before the parts: `membership.establish` decides whether this node founds a cluster,
+joins one (token: a member's `hello` gives the secret and the members) or rejoins the one
+its data dir names; the store is built from that. Discovery (mDNS) runs around everything,
+so a joiner can find a member, and advertises this node once its API is up.
+
 Order matters for shutdown: the engines stop before the state store (so nothing writes to
 a closed store), and the HTTP site stops first of all (no new requests while draining).
 """
@@ -24,21 +29,26 @@ from typing import Any, AsyncIterator, Callable, Coroutine
 import aiohttp
 from aiohttp import web
 
-from gpumesh import __version__
 from gpumesh.backends.registry import describe_backends
 
 from .agent import NodeAgent
 from .api import ManagementApi
 from .api_events import EventStream
-from .auth import ADMIN, new_api_key
+from .banner import print_banner
+from .cluster_api import ClusterApi, ClusterContext
 from .config import Config
 from .datadir import DataDir, DataDirInUse, DataDirLock
 from .errors import error_middleware
 from .events import log_state_changes
 from .gateway import Gateway
+from .discovery import Discovery, DiscoveryError, mdns_address
+from .joining import JoinError
+from .liveness import LivenessMonitor
+from .membership import (ClusterIdentity, JoinPlan, NodePresence, bootstrap_admin_key,
+                         confirm_join, establish)
 from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
-from .scheduler import Scheduler, format_bytes
+from .scheduler import Scheduler
 from .state import ClusterStore, CommandRejected, StateUnavailable
 from .telemetry import TELEMETRY, TelemetrySampler, add_telemetry_routes
 
@@ -71,10 +81,10 @@ class Daemon:
         self.data = data
         self.node_id = data.node_id()
         self.started = time.time()
-        self.store = ClusterStore(
-            self_address=config.raft_address, partners=[], journal_file=data.journal_file,
-            snapshot_file=data.snapshot_file, secret=data.cluster_secret(),
-            bind_host=config.raft_host)
+        self.store: ClusterStore | None = None         # built once the cluster is known
+        self.identity: ClusterIdentity | None = None
+        self.join_plan: JoinPlan | None = None
+        self.discovery: Discovery | None = None
         self.probe: Probe | None = None
         self.backends: list[dict[str, object]] = []   # this node's engines, described once
         self.session: aiohttp.ClientSession | None = None
@@ -97,44 +107,73 @@ class Daemon:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        # Handlers first: a Ctrl-C during start-up (a join included) must stop it.
+        self._install_signal_handlers()
         try:
+            await self._start_discovery()
+            if not await self._until_stopped(self._establish(), "joining"):
+                return 1 if not self._stop.is_set() else 0
             return await self._run_app()
         finally:
+            if self.discovery is not None:
+                await self.discovery.close()
+            self._remove_signal_handlers()
             await self.session.close()
+
+    async def _start_discovery(self) -> None:
+        if self.config.discovery != "mdns":
+            return
+        try:
+            discovery = Discovery(mdns_address(self.config.mdns_interface, self.config.advertise))
+            await discovery.start()
+        except (DiscoveryError, OSError) as exc:
+            log.warning("mDNS discovery is off: %s", exc)
+            return
+        self.discovery = discovery
+
+    async def _establish(self) -> None:
+        """Found, join or rejoin; then the store this node's cluster needs."""
+        assert self.session is not None
+        discover = self.discovery.find_members if self.discovery else None
+        self.identity, self.join_plan = await establish(
+            self.config, self.data, self.node_id, self.session, discover)
+        self.store = ClusterStore(
+            self_address=self.config.raft_address, partners=self.identity.partners,
+            journal_file=self.data.journal_file, snapshot_file=self.data.snapshot_file,
+            secret=self.identity.secret, bind_host=self.config.raft_host)
 
     async def _run_app(self) -> int:
         runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None)
-        # Handlers first: a Ctrl-C during start-up must stop it, not be lost.
-        self._install_signal_handlers()
         try:
-            if not await self._start(runner):
+            if not await self._until_stopped(self._setup_and_bind(runner), "start-up"):
                 return 1 if not self._stop.is_set() else 0
             # The CLI reads where this node listens from its data dir (any --api-port).
             self.data.write_endpoint(self.config.api_url, self.config.local_api_url,
                                      self.config.raft_address)
             self._announce()
-            await self._stop.wait()
+            # mDNS registration probes the name for ~1 s first: never hold the node up for it.
+            async with _owned_task(self._advertise(), "mdns-advertise"):
+                await self._stop.wait()
             log.info("shutting down: stopping engines (Ctrl-C again to force)")
             return 0
         finally:
             await runner.cleanup()                  # site, then the entered parts in reverse
-            self._remove_signal_handlers()
             log.info("stopped")
 
-    async def _start(self, runner: web.AppRunner) -> bool:
-        """Enter every part and bind the site; False if that failed or was interrupted."""
-        starting = asyncio.create_task(self._setup_and_bind(runner), name="start-up")
-        stop = asyncio.create_task(self._stop.wait(), name="stop-during-start-up")
+    async def _until_stopped(self, work: Coroutine[Any, Any, None], what: str) -> bool:
+        """Run `work` raced against the stop flag; False if it failed or was interrupted."""
+        starting = asyncio.create_task(work, name=what)
+        stop = asyncio.create_task(self._stop.wait(), name=f"stop-during-{what}")
         await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not starting.done():
-            log.info("interrupted during start-up; undoing what was started")
+            log.info("interrupted during %s; undoing what was started", what)
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             return False
         try:
             starting.result()
-        except (StateUnavailable, ProbeUnavailable, OSError) as exc:
+        except (StateUnavailable, ProbeUnavailable, JoinError, OSError) as exc:
             log.error("gpumesh could not start: %s", exc)
             return False
         return True
@@ -144,13 +183,15 @@ class Daemon:
         await web.TCPSite(runner, self.config.host, self.config.api_port).start()
 
     def build_app(self) -> web.Application:
-        assert self.session is not None
+        assert self.session is not None and self.store is not None and self.identity
+        context = ClusterContext(self.identity.cluster_id, self.identity.secret,
+                                 self.config.api_url, self.config.raft_address)
         app = http_app(self.store, self.node_id, self.session, self.started,
-                       lambda: self.backends)
+                       lambda: self.backends, cluster=context)
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
         app.cleanup_ctx.extend([
             self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
-            self._agent_part, self._reconciler_part, self._event_log_part,
+            self._agent_part, self._reconciler_part, self._liveness_part, self._event_log_part,
         ])
         return app
 
@@ -183,19 +224,31 @@ class Daemon:
             await asyncio.to_thread(self.telemetry.stop)
 
     async def _store_part(self, app: web.Application) -> AsyncIterator[None]:
+        assert self.store is not None and self.identity is not None
         await self.store.start()
         try:
+            if self.join_plan is not None:          # Raft runs: now the leader may add us
+                assert self.session is not None
+                await confirm_join(self.join_plan, self.identity, self.data, self.session)
+                log.info("joined cluster %s (found a member via %s)",
+                         self.identity.cluster_id, self.join_plan.found_via)
             await self.store.wait_ready(_READY_TIMEOUT_S)
             yield
         finally:
             await self.store.stop()
 
     async def _membership_part(self, app: web.Application) -> AsyncIterator[None]:
-        await self._bootstrap_admin_key()
-        await self._register_node("ready")
-        yield
+        """The admin key on a cluster's first start, this node's record, its refresh."""
+        assert self.store is not None and self.identity is not None and self.probe is not None
+        await bootstrap_admin_key(self.store, self.data)
+        presence = NodePresence(config=self.config, data=self.data, node_id=self.node_id,
+                                store=self.store, identity=self.identity, probe=self.probe,
+                                backends=self.backends, on_removed=self._stop.set)
+        await presence.register("ready")
+        async with _owned_task(presence.run(), "node-presence"):
+            yield
         try:
-            await self._register_node("stopped", timeout=1.0)
+            await presence.register("stopped", timeout=1.0)
         except (StateUnavailable, CommandRejected) as exc:
             log.warning("could not record this node as stopped: %s", exc)
 
@@ -214,58 +267,40 @@ class Daemon:
         async with _owned_task(ReplicaReconciler(self.store, scheduler).run(), "reconciler"):
             yield
 
+    async def _liveness_part(self, app: web.Application) -> AsyncIterator[None]:
+        """Leader only: nodes silent past the grace are unreachable; their instances move."""
+        assert self.store is not None
+        async with _owned_task(LivenessMonitor(self.store).run(), "liveness"):
+            yield
+
     async def _event_log_part(self, app: web.Application) -> AsyncIterator[None]:
         async with _owned_task(log_state_changes(self.store), "event-log"):
             yield
 
-    # --- start-up steps --------------------------------------------------------------------
+    # --- after start-up --------------------------------------------------------------------
 
-    async def _bootstrap_admin_key(self) -> None:
-        """First start of a cluster: mint the admin key, store only its hash, show it once."""
-        if any(k["role"] == ADMIN for k in self.store.view.api_keys.values()):
+    async def _advertise(self) -> None:
+        """mDNS, once the API answers: a joiner that finds this node can talk to it."""
+        if self.discovery is None:
             return
-        if not self.store.status.is_leader:
-            return
-        key, record = new_api_key("admin", ADMIN)
+        assert self.identity is not None
         try:
-            await self.store.submit({"op": "create_api_key", "key": record,
-                                     "only_if_no_admin": True})
-        except CommandRejected:
-            return                                  # another start minted it first
-        path = self.data.write_admin_key(key)
-        print(f"\n  Admin API key (shown once; also saved to {path}, mode 0600):\n"
-              f"    {key}\n", flush=True)
-
-    async def _register_node(self, status: str, timeout: float = 5.0) -> None:
-        assert self.probe is not None
-        inventory = await asyncio.to_thread(self.probe.inventory)
-        node = {"id": self.node_id, "name": self.config.node_name, "status": status,
-                "api_url": self.config.api_url, "raft_address": self.config.raft_address,
-                "version": __version__, "inventory": inventory.to_dict(),
-                "backends": {b["name"]: {"version": b["version"], "runs_on_cpu": b["runs_on_cpu"],
-                                         "gpu_vendors": b["gpu_vendors"]}
-                             for b in self.backends if b["available"]},
-                "updated": time.time()}
-        await self.store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
+            await self.discovery.advertise(
+                node_id=self.node_id, node_name=self.config.node_name,
+                cluster_id=self.identity.cluster_id, api_port=self.config.api_port,
+                raft_port=self.config.raft_port)
+        except Exception as exc:  # noqa: BLE001 - discovery is a convenience, never fatal
+            log.warning("mDNS advertisement failed: %s", exc)
 
     def _announce(self) -> None:
-        node = self.store.view.nodes[self.node_id]
-        inv = node["inventory"]
-        gpus = ", ".join(f"{g['name']} ({format_bytes(g['memory_total_bytes'])})"
-                         for g in inv["gpus"]) or "none"
-        members = len(self.store.status.members)
-        print(f"gpumesh {__version__} · node {self.node_id} ({self.config.node_name}) · "
-              f"cluster of {members}, leader: "
-              f"{'this node' if self.store.status.is_leader else self.store.status.leader}\n"
-              f"  OpenAI API   {self.config.api_url}/v1\n"
-              f"  management   {self.config.api_url}/api\n"
-              f"  Raft         {self.config.raft_address}\n"
-              f"  data dir     {self.data.root}\n"
-              f"  resources    {inv['cpu_cores']} CPU cores, "
-              f"{format_bytes(inv['memory_total_bytes'])} RAM, GPUs: {gpus} "
-              f"(probe: {inv['probe']})\n"
-              f"  backends     {_backend_summary(self.backends)}\n"
-              f"  Press Ctrl-C to stop.", flush=True)
+        assert self.store is not None and self.identity is not None
+        discovery = ("off" if self.config.discovery == "off" else
+                     "mDNS unavailable (see the log)" if self.discovery is None else
+                     f"mDNS on {mdns_address(self.config.mdns_interface, self.config.advertise)}")
+        print_banner(config=self.config, node_id=self.node_id,
+                     cluster_id=self.identity.cluster_id, store=self.store,
+                     data_root=str(self.data.root), backends=self.backends,
+                     discovery=discovery)
 
     # --- signals (uvicorn's way: handlers only set flags) ----------------------------------
 
@@ -288,7 +323,8 @@ class Daemon:
 
 
 def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
-             started: float, backends: Callable[[], list[dict[str, object]]]) -> web.Application:
+             started: float, backends: Callable[[], list[dict[str, object]]],
+             cluster: ClusterContext | None = None) -> web.Application:
     """The HTTP surface of a node: errors in OpenAI's shape, the admin check on /api, the
     management routes and the gateway. The daemon adds its lifecycle parts; tests serve it
     as it is, in-process."""
@@ -296,6 +332,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     app = web.Application(middlewares=[error_middleware, api.require_admin],
                           client_max_size=16 << 20)
     api.add_routes(app)
+    ClusterApi(store, node_id, started, session, cluster).add_routes(app)
     add_telemetry_routes(app, node_id)
     EventStream(store, node_id, session).add_routes(app)
     Gateway(store, node_id, session).add_routes(app)
@@ -317,18 +354,6 @@ async def _owned_task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterat
 def _log_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
-
-
-def _backend_summary(backends: list[dict[str, object]]) -> str:
-    """"llama.cpp 0.2 (cpu)" per engine, or why it is unavailable, for the start-up banner."""
-    parts = []
-    for b in backends:
-        if b["available"]:
-            devices = (["cpu"] if b["runs_on_cpu"] else []) + list(b["gpu_vendors"])  # type: ignore[arg-type]
-            parts.append(f"{b['name']} {b['version']} ({', '.join(devices)})")
-        else:
-            parts.append(f"{b['name']} unavailable: {b['problem']}")
-    return "; ".join(parts) or "none"
 
 
 def _port_problem(host: str, port: int) -> str | None:

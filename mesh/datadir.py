@@ -4,6 +4,8 @@ Layout (all created 0700/0600 because the Raft journal and the secret are sensit
 
     <data-dir>/node.json        {"id": ..., "created": ...}  stable across restarts
     <data-dir>/cluster.secret   the cluster secret (Raft transport password)
+    <data-dir>/cluster.json     the cluster this node belongs to: its id, the Raft members
+                                last seen, whether the join completed
     <data-dir>/admin.key        the first admin API key, written once on first start
     <data-dir>/endpoint.json    where the running (or last) daemon listens, for the CLI
     <data-dir>/raft/journal     pysyncobj's journal
@@ -123,6 +125,27 @@ class DataDir:
         except (OSError, ValueError):
             return None
         return record if isinstance(record, dict) and "connect_url" in record else None
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.root / "cluster.json"
+
+    def read_cluster(self) -> dict | None:
+        """What this node knows of its cluster, or None before its first start or join."""
+        try:
+            return json.loads(self.cluster_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_cluster(self, record: dict) -> None:
+        _write_private(self.cluster_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def write_cluster_secret(self, secret: str) -> None:
+        """A joiner's secret comes from the cluster, not from this machine."""
+        _write_private(self.root / "cluster.secret", secret + "\n")
+
+    def has_journal(self) -> bool:
+        return any(self.journal_file.parent.glob("*"))
 
     def write_admin_key(self, key: str) -> Path:
         _write_private(self.admin_key_file, key + "\n")

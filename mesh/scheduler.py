@@ -82,6 +82,8 @@ class Scheduler:
                        instances: list[dict[str, Any]]) -> tuple[list[_Candidate], str]:
         if node.get("status") != "ready":
             return [], f"node is {node.get('status', 'unknown')}"
+        if node.get("draining"):
+            return [], "node is draining"
         backend = model["backend"]
         traits = node.get("backends", {}).get(backend)
         if traits is None:

@@ -77,6 +77,10 @@ class StateView:
     def api_keys(self) -> dict[str, dict[str, Any]]:
         return self._state["api_keys"]
 
+    @property
+    def join_tokens(self) -> dict[str, dict[str, Any]]:
+        return self._state.get("join_tokens", {})   # absent from snapshots made before it
+
 
 class _ReplicatedDocument(SyncObjConsumer):
     """The replicated collections. pysyncobj snapshots every attribute set after __init__."""

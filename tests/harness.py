@@ -59,8 +59,34 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def http_json(url: str, method: str = "GET", body: Any = None, key: str | None = None,
+              timeout: float = 30.0) -> tuple[int, Any]:
+    """One HTTP call, JSON in and out (text when the answer is not JSON); status 0 when
+    nothing answered."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except OSError as exc:
+        return 0, str(exc)
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
 class Daemon:
     """One `gpumesh up` process with its own data dir and ports."""
+
+    # A command the daemon runs under, e.g. `ip netns exec NS` (netns.py).
+    prefix: tuple[str, ...] = ()
+    host = "127.0.0.1"
 
     def __init__(self, data_dir: Path, *extra_args: str) -> None:
         self.data_dir = data_dir
@@ -69,16 +95,22 @@ class Daemon:
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-daemon.log"
+        self.key: str | None = None      # the cluster's admin key, for nodes that joined
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     def start(self, timeout: float = 30.0) -> None:
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Start the process and return at once (a cluster's nodes start together)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpumesh", "up", "--data-dir", str(self.data_dir),
+            [*self.prefix, sys.executable, "-m", "gpumesh", "up", "--data-dir", str(self.data_dir),
              "--api-port", str(self.api_port), "--raft-port", str(self.raft_port),
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -86,6 +118,9 @@ class Daemon:
             # source folder `gpumesh/` would shadow the installed package.
             cwd=self.data_dir.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -115,26 +150,28 @@ class Daemon:
 
     @property
     def admin_key(self) -> str:
-        return (self.data_dir / "admin.key").read_text().strip()
+        return self.key or (self.data_dir / "admin.key").read_text().strip()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float = 30.0, key: str | None = "admin") -> tuple[int, Any]:
+        """Any method, JSON in and out, with the admin key (or `key`, or none)."""
+        token = self.admin_key if key == "admin" else key
+        return http_json(self.url + path, method, body, token, timeout)
 
     def cli(self, *args: str, timeout: float = 120.0,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run `gpumesh ARGS` against this daemon the way a user's shell would."""
         env = {**os.environ, "GPUMESH_URL": self.url, "GPUMESH_API_KEY": self.admin_key}
-        return subprocess.run([sys.executable, "-m", "gpumesh", *args], env=env,
+        return subprocess.run([*self.prefix, sys.executable, "-m", "gpumesh", *args], env=env,
                               cwd=cwd or self.data_dir.parent, capture_output=True, text=True,
                               timeout=timeout)
 
     def api(self, path: str, key: str | None = "admin") -> tuple[int, Any]:
-        request = urllib.request.Request(self.url + path)
-        if key is not None:
-            token = self.admin_key if key == "admin" else key
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return self.request("GET", path, key=key, timeout=10)
 
     def wait_model(self, name: str, status: str = "running", timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -152,3 +189,89 @@ class Daemon:
                 return response.status == 200
         except OSError:
             return False
+
+
+class Cluster:
+    """Several daemons on loopback forming one cluster: the first founds it, each next one
+    joins with `--join` through the member before it (so joins through followers are
+    exercised) and a token minted by the founder."""
+
+    def __init__(self, root: Path, size: int, *extra_args: str) -> None:
+        self.root = root
+        self.extra_args = extra_args
+        self.nodes = [Daemon(root / f"n{i}", "--node-name", f"n{i}", "--discovery", "off",
+                             *extra_args) for i in range(size)]
+
+    def start(self, timeout: float = 60.0) -> None:
+        founder = self.nodes[0]
+        founder.start(timeout)
+        for previous, node in zip(self.nodes, self.nodes[1:]):
+            self.join(node, through=previous, timeout=timeout)
+        self.wait(lambda: all(len(self.status(n)["members"]) == len(self.nodes)
+                              for n in self.nodes), "every node sees every member")
+
+    def join(self, node: Daemon, through: Daemon, timeout: float = 60.0) -> None:
+        token = self.token(through)
+        node.key = self.nodes[0].admin_key
+        node.extra_args = (*node.extra_args, "--join", f"{through.host}:{through.api_port}",
+                           "--token", token)
+        node.start(timeout)
+        # Later restarts are plain `gpumesh up`: the data dir knows the cluster.
+        node.extra_args = node.extra_args[:-4]
+
+    def token(self, through: Daemon) -> str:
+        through.key = self.nodes[0].admin_key
+        result = through.cli("join-token", "--ttl", "600")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def status(self, node: Daemon) -> dict:
+        code, body = node.api("/api/status")
+        assert code == 200, body
+        return body
+
+    def alive(self) -> list[Daemon]:
+        return [n for n in self.nodes if n.alive]
+
+    def leader(self, among: list[Daemon] | None = None, timeout: float = 30.0,
+               other_than: Daemon | None = None) -> Daemon:
+        """The node every live node names as leader (waits for agreement, and for a leader
+        other than `other_than` when given)."""
+        found: list[Daemon] = []
+
+        def agreed() -> bool:
+            nodes = among or self.alive()
+            leaders = {self.status(n)["raft"]["leader"] for n in nodes}
+            if len(leaders) != 1 or None in leaders:
+                return False
+            address = leaders.pop()
+            found[:] = [n for n in self.nodes if address.endswith(f":{n.raft_port}")
+                        and n is not other_than]
+            return bool(found)
+
+        self.wait(agreed, "one leader", timeout)
+        return found[0]
+
+    def wait(self, predicate: Any, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (OSError, AssertionError, KeyError):
+                pass
+            time.sleep(0.1)
+        logs = "\n".join(f"--- {n.data_dir.name}\n{n.output()[-3000:]}" for n in self.nodes)
+        raise TimeoutError(f"not after {timeout} s: {what}\n{logs}")
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def restart(self, nodes: list[Daemon], timeout: float = 60.0) -> None:
+        """Start stopped members together, as plain `gpumesh up`: none can be ready before
+        a majority runs."""
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_healthy(timeout)

@@ -148,8 +148,14 @@ def test_status_shape(api, node) -> None:
     reply = api("GET", "/api/status")
     assert reply.status == 200
     body = reply.body
-    assert set(body) == {"version", "node_id", "uptime_s", "raft", "counts"}
+    assert set(body) == {"version", "node_id", "cluster_id", "uptime_s", "leader", "term",
+                         "quorum", "members", "raft", "counts"}
     assert body["version"] == __version__
+    assert body["cluster_id"] is None                 # served without a cluster identity
+    assert body["leader"]["raft_address"] == node.store.status.self_address
+    assert body["quorum"] is True and body["term"] == body["raft"]["term"] >= 1
+    assert [m["raft_address"] for m in body["members"]] == [node.store.status.self_address]
+    assert body["members"][0]["role"] == "leader"
     assert body["node_id"] == NODE_ID
     assert 5.0 <= body["uptime_s"] < 600
     raft = body["raft"]
@@ -169,7 +175,7 @@ def test_nodes_are_listed_by_name(api, node) -> None:
     data = reply.body["data"]
     assert [n["name"] for n in data] == ["alpha", "zulu"]
     zulu = data[1]
-    assert zulu == node.store.view.nodes[NODE_ID]
+    assert zulu == {**node.store.view.nodes[NODE_ID], "state": "ready", "role": "leader"}
     assert zulu["id"] == NODE_ID and zulu["api_url"] == node.url
     assert zulu["backends"]["llama.cpp"]["runs_on_cpu"] is True
 

@@ -74,7 +74,8 @@ def _populated() -> dict:
 
 def test_empty_state_has_every_collection_empty():
     state = empty_state()
-    assert set(state) == set(COLLECTIONS) == {"nodes", "models", "instances", "api_keys"}
+    assert set(state) == set(COLLECTIONS) == {"nodes", "models", "instances", "api_keys",
+                                                "join_tokens"}
     assert all(state[name] == {} for name in COLLECTIONS)
 
 

@@ -13,6 +13,7 @@ from gpumesh.mesh.config import (
     Config,
     ConfigError,
     default_data_dir,
+    primary_address,
 )
 
 ENV_NAMES = ("GPUMESH_DATA_DIR", "XDG_DATA_HOME", "GPUMESH_HOST", "GPUMESH_API_PORT",
@@ -123,8 +124,10 @@ def test_environment_overrides_defaults(monkeypatch):
     assert config.gpu_probe == "cpu"
     assert config.reserved_memory_mib == 2048 and isinstance(config.reserved_memory_mib, int)
     assert config.log_level == "debug"                     # lower-cased
-    assert config.api_url == "http://0.0.0.0:9000"
-    assert config.raft_address == "0.0.0.0:9001"
+    # Bound everywhere: peers are told the primary interface's address (never 0.0.0.0).
+    assert config.advertise == primary_address() != "0.0.0.0"
+    assert config.api_url == f"http://{config.advertise}:9000"
+    assert config.raft_address == f"{config.advertise}:9001"
 
 
 def test_flags_override_the_environment(monkeypatch):

@@ -1,34 +1,84 @@
-"""Cluster commands: `nodes`, `status`, `backends`."""
+"""Cluster commands: `nodes`, `status`, `backends`, `join-token`, `node drain|rm`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from urllib.parse import quote
+
 from .output import Exit, add_client_command, client_for, gib, print_result, status_cell, table
 
 __all__ = ["register"]
 
 
+NO_QUORUM_NOTE = ("no quorum: management writes (deploy, scale, rm, keys, joins) are refused "
+                  "until a majority of members is back; inference on running instances and "
+                  "reads keep working on every node")
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
-    nodes = client_for(args).get("/api/nodes")["data"]
+    client = client_for(args)
+    nodes = client.get("/api/nodes")["data"]
     print_result(args, nodes, lambda ns: table(
-        ["ID", "NAME", "STATUS", "CPUS", "RAM", "GPUS", "API"],
-        [[n["id"], n["name"], status_cell(n["status"]), n["inventory"]["cpu_cores"],
+        ["ID", "NAME", "STATE", "ROLE", "CPUS", "RAM", "GPUS", "API"],
+        [[n["id"], n["name"], status_cell(n["state"]), n["role"], n["inventory"]["cpu_cores"],
           gib(n["inventory"]["memory_total_bytes"]), len(n["inventory"]["gpus"]),
-          n["api_url"]] for n in ns]))
+          n["api_url"]] for n in ns]) + _quorum_note(client))
     return Exit.OK
+
+
+def _quorum_note(client: Any) -> str:
+    return "" if client.get("/api/status")["quorum"] else "\n" + NO_QUORUM_NOTE
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = client_for(args).get("/api/status")
-    raft = status["raft"]
-    print_result(args, status, lambda s: (
-        f"gpumesh {s['version']} · node {s['node_id']} · up {s['uptime_s']:.0f} s\n"
-        f"raft: leader {raft['leader'] or 'none'} · term {raft['term']} · "
-        f"{len(raft['members'])} member(s) · quorum {'yes' if raft['has_quorum'] else 'NO'}\n"
-        f"{s['counts']['nodes']} node(s), {s['counts']['models']} model(s), "
-        f"{s['counts']['instances']} instance(s)"))
+    print_result(args, status, _describe_status)
+    return Exit.OK
+
+
+def _describe_status(s: dict[str, Any]) -> str:
+    leader = s["leader"]
+    who = (f"{leader['node_id'] or '?'} ({leader['api_url'] or leader['raft_address']})"
+           if leader else "none (election in progress, or no quorum)")
+    lines = [f"gpumesh {s['version']} · node {s['node_id']} · cluster {s['cluster_id']} · "
+             f"up {s['uptime_s']:.0f} s",
+             f"leader {who} · term {s['term']} · quorum {'yes' if s['quorum'] else 'NO'}",
+             f"{s['counts']['nodes']} node(s), {s['counts']['models']} model(s), "
+             f"{s['counts']['instances']} instance(s)",
+             table(["MEMBER", "NODE", "ROLE", "STATE", "API"],
+                   [[m["raft_address"], m["name"] or m["node_id"] or "-", m["role"],
+                     status_cell(m["state"]), m["api_url"] or "-"] for m in s["members"]])]
+    if not s["quorum"]:
+        lines.append(NO_QUORUM_NOTE)
+    return "\n".join(lines)
+
+
+def cmd_join_token(args: argparse.Namespace) -> int:
+    reply = client_for(args).post("/api/join-tokens", {"ttl_s": args.ttl})
+    print_result(args, reply, lambda r: r["token"])
+    return Exit.OK
+
+
+def cmd_node_drain(args: argparse.Namespace) -> int:
+    reply = client_for(args).post(f"/api/nodes/{quote(args.name, safe='')}/drain",
+                                  {"undo": args.undo})
+    print_result(args, reply, lambda r: (
+        f"node {r['name']} is ready again" if args.undo else
+        f"node {r['name']} is draining: {len(r['instances_moved'])} instance(s) moved to "
+        f"other nodes; nothing new is placed there (`gpumesh node drain --undo {r['name']}` "
+        f"ends it)"))
+    return Exit.OK
+
+
+def cmd_node_rm(args: argparse.Namespace) -> int:
+    reply = client_for(args, timeout=60).delete(f"/api/nodes/{quote(args.name, safe='')}")
+    print_result(args, reply, lambda r: (
+        f"node {r['name']} ({r['removed']}) left the cluster; "
+        f"{len(r['instances_moved'])} instance(s) moved. Before it joins again, wipe its data "
+        f"dir (its Raft journal still holds the old membership), then `gpumesh up --token` "
+        f"with a fresh token"))
     return Exit.OK
 
 
@@ -46,3 +96,17 @@ def register(sub: Any) -> None:
     add_client_command(sub, "nodes", cmd_nodes, "list nodes")
     add_client_command(sub, "status", cmd_status, "cluster status as this node sees it")
     add_client_command(sub, "backends", cmd_backends, "engines this node can run")
+    token = add_client_command(sub, "join-token", cmd_join_token,
+                               "print a token that lets a new node join this cluster")
+    token.add_argument("--ttl", type=int, default=24 * 3600,
+                       help="seconds the token stays valid (default 86400)")
+    node = sub.add_parser("node", help="drain or remove a node")
+    node_sub = node.add_subparsers(title="node commands", metavar="COMMAND", required=True,
+                                   help="drain (move its instances away) or rm (remove it)")
+    drain = add_client_command(node_sub, "drain", cmd_node_drain,
+                               "move a node's instances away and place nothing new there")
+    drain.add_argument("name", help="the node's name or id")
+    drain.add_argument("--undo", action="store_true", help="end the drain: the node is ready")
+    rm = add_client_command(node_sub, "rm", cmd_node_rm,
+                            "take a node out of the cluster (its instances move elsewhere)")
+    rm.add_argument("name", help="the node's name or id")

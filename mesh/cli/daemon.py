@@ -18,7 +18,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in
              ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
-              "gpus", "reserved_memory_mib", "log_level")}
+              "gpus", "reserved_memory_mib", "log_level", "advertise", "join", "token",
+              "discovery", "mdns_interface")}
     try:
         config = Config.from_sources(flags)
     except ConfigError as exc:
@@ -47,4 +48,18 @@ def register(sub: Any) -> None:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     help="how much the daemon logs on stderr (default info; env "
                          "GPUMESH_LOG_LEVEL)")
+    cluster = up.add_argument_group("joining a cluster")
+    cluster.add_argument("--advertise", metavar="ADDRESS",
+                         help="the address peers use for this node (default: --host, or the "
+                              "primary interface's address when --host is 0.0.0.0)")
+    cluster.add_argument("--join", metavar="HOST[:PORT]",
+                         help="join the cluster through this member's API (env GPUMESH_JOIN; "
+                              "needs --token); without it, --token finds a member by mDNS")
+    cluster.add_argument("--token", help="a join token from `gpumesh join-token` on a member "
+                                         "(env GPUMESH_TOKEN)")
+    cluster.add_argument("--discovery", choices=["mdns", "off"],
+                         help="advertise and find members by mDNS (default mdns)")
+    cluster.add_argument("--mdns-interface", metavar="IFACE",
+                         help="the one interface mDNS uses (default: the advertised "
+                              "address's)")
     up.set_defaults(command="up", handler=cmd_up)

@@ -5,7 +5,8 @@ Every change to the cluster state is one command, a msgpack-able dict `{"op": ..
 no clocks, no randomness, no I/O. Timestamps and ids are chosen by whoever *submits* the
 command and travel inside it.
 
-The state is a dict of collections (`nodes`, `models`, `instances`, `api_keys`), each a dict
+The state is a dict of collections (`nodes`, `models`, `instances`, `api_keys`,
+`join_tokens`), each a dict
 from id to record. Records are never mutated in place: a command builds new records and a
 new collection dict, and the caller swaps the top-level reference. Readers on other threads
 therefore always see a consistent, immutable snapshot without taking a lock.
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import instances, keys, models, nodes
+from . import instances, join_tokens, keys, models, nodes
 from .common import CommandError, Handler, Result, State
 from .instances import INSTANCE_STATES
 
 __all__ = ["COLLECTIONS", "INSTANCE_STATES", "CommandError", "State", "apply_command",
            "empty_state"]
 
-COLLECTIONS = ("nodes", "models", "instances", "api_keys")
+COLLECTIONS = ("nodes", "models", "instances", "api_keys", "join_tokens")
 
 
 def empty_state() -> State:
@@ -54,4 +55,4 @@ def apply_command(state: State, command: dict[str, Any]) -> tuple[State, Result]
 
 # One table of every command, assembled from the modules that own each collection.
 HANDLERS: dict[str, Handler] = {**nodes.HANDLERS, **models.HANDLERS, **instances.HANDLERS,
-                                **keys.HANDLERS}
+                                **keys.HANDLERS, **join_tokens.HANDLERS}

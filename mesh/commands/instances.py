@@ -19,8 +19,14 @@ def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
         raise CommandError("model_not_found", f"no model named {instance['model']!r}")
     if instance["id"] in state["instances"]:
         raise CommandError("instance_exists", f"instance {instance['id']!r} exists")
-    if instance["node_id"] not in state["nodes"]:
+    node = state["nodes"].get(instance["node_id"])
+    if node is None:
         raise CommandError("node_not_found", f"no node {instance['node_id']!r}")
+    # A leader deciding on an old view (or one just deposed) must not place an instance on
+    # a node that is gone or being emptied.
+    if node.get("status") in ("unreachable", "stopped") or node.get("draining"):
+        raise CommandError("node_unavailable", f"node {instance['node_id']!r} is "
+                           f"{'draining' if node.get('draining') else node['status']}")
     instances = dict(state["instances"])
     instances[instance["id"]] = instance
     return {"instances": instances}, {"ok": True, "instance": instance}

@@ -1,10 +1,21 @@
-"""Commands on the `nodes` collection: the records nodes keep of themselves."""
+"""Commands on the `nodes` collection: the records nodes keep of themselves, and what the
+leader and the admin decide about them.
+
+A record's `status` is its liveness: `ready` or `stopped` (written by the node itself) and
+`unreachable` (written by the leader, which alone sees every node's acks). `draining` is the
+admin's decision and outlives restarts. When the leader marks a node unreachable (or finds
+a stopped one still holding instances) and when a node is drained, its instances leave it
+in the same command (`evict`), so the reconciler places them elsewhere at once and no
+reader ever sees a node that is gone still holding instances.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .common import Result, State
+from .common import CommandError, Result, State
+
+NODE_STATUSES = ("ready", "stopped", "unreachable")
 
 
 def _upsert_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
@@ -15,7 +26,71 @@ def _upsert_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     return {"nodes": nodes}, {"ok": True}
 
 
+def _node_heartbeat(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    """A node's periodic refresh: free memory and load, a few bytes every few seconds."""
+    current = _node(state, cmd["id"])
+    nodes = dict(state["nodes"])
+    nodes[cmd["id"]] = {**current, "resources": dict(cmd["resources"]),
+                        "heartbeat_at": cmd["at"]}
+    return {"nodes": nodes}, {"ok": True}
+
+
+def _set_node_status(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    """The leader's verdict. `if_status` makes it compare-and-set: a verdict reached on an old
+    view (or by a leader that was just deposed) does not undo a newer one."""
+    current = _node(state, cmd["id"])
+    status = cmd["status"]
+    if status not in NODE_STATUSES:
+        raise CommandError("bad_state", f"unknown node status {status!r}")
+    if "if_status" in cmd and current.get("status") != cmd["if_status"]:
+        raise CommandError("status_changed", f"node {cmd['id']} is {current.get('status')}, "
+                           f"not {cmd['if_status']}")
+    nodes = dict(state["nodes"])
+    nodes[cmd["id"]] = {**current, "status": status, "status_reason": cmd.get("reason"),
+                        "status_since": cmd["at"]}
+    changes: dict[str, Any] = {"nodes": nodes}
+    moved: list[str] = []
+    if cmd.get("evict"):
+        if status == "ready":
+            raise CommandError("bad_command", "a ready node keeps its instances")
+        changes["instances"], moved = _without_instances_on(state, cmd["id"])
+    return changes, {"ok": True, "instances_removed": moved}
+
+
+def _drain_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    current = _node(state, cmd["id"])
+    nodes = dict(state["nodes"])
+    nodes[cmd["id"]] = {**current, "draining": bool(cmd["draining"])}
+    changes: dict[str, Any] = {"nodes": nodes}
+    moved: list[str] = []
+    if cmd["draining"]:
+        changes["instances"], moved = _without_instances_on(state, cmd["id"])
+    return changes, {"ok": True, "instances_removed": moved}
+
+
+def _remove_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    _node(state, cmd["id"])
+    nodes = {k: v for k, v in state["nodes"].items() if k != cmd["id"]}
+    instances, moved = _without_instances_on(state, cmd["id"])
+    return {"nodes": nodes, "instances": instances}, {"ok": True, "instances_removed": moved}
+
+
+def _node(state: State, node_id: str) -> dict[str, Any]:
+    node = state["nodes"].get(node_id)
+    if node is None:
+        raise CommandError("node_not_found", f"no node {node_id!r}")
+    return node
+
+
+def _without_instances_on(state: State, node_id: str) -> tuple[dict, list[str]]:
+    kept = {k: v for k, v in state["instances"].items() if v["node_id"] != node_id}
+    return kept, sorted(set(state["instances"]) - set(kept))
+
 
 HANDLERS = {
     "upsert_node": _upsert_node,
+    "node_heartbeat": _node_heartbeat,
+    "set_node_status": _set_node_status,
+    "drain_node": _drain_node,
+    "remove_node": _remove_node,
 }
