@@ -15,7 +15,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .auth import ADMIN, hash_key, key_from_request
-from .errors import openai_error
+from .errors import openai_error, write_unavailable
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
@@ -23,7 +23,8 @@ __all__ = ["ManagementApi", "model_summary"]
 
 # No key: liveness checks, and a newcomer proving a join token (cluster_api.py).
 _OPEN_PATHS = ("/api/health", "/api/join")
-_REJECTION_STATUS = {"model_exists": 409, "model_not_found": 404, "instance_not_found": 404}
+_REJECTION_STATUS = {"too_large": 413, "model_exists": 409, "model_not_found": 404,
+                     "instance_not_found": 404}
 
 
 class ManagementApi:
@@ -132,9 +133,7 @@ class ManagementApi:
         except CommandRejected as exc:
             return openai_error(_REJECTION_STATUS.get(exc.code, 409), str(exc), code=exc.code)
         except StateUnavailable as exc:
-            return openai_error(503, f"the cluster cannot accept writes now: {exc}",
-                                type_="server_error", code="no_quorum",
-                                headers={"Retry-After": "2"})
+            return write_unavailable(exc)
 
 
 def model_summary(view: StateView, name: str) -> dict[str, Any]:

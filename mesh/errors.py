@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["openai_error", "error_middleware"]
+__all__ = ["openai_error", "error_middleware", "write_unavailable"]
 
 log = logging.getLogger("gpumesh.http")
 
@@ -27,6 +27,23 @@ def openai_error(status: int, message: str, *, type_: str | None = None,
     kind = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def write_unavailable(exc: Exception) -> web.Response:
+    """The answer to a write the cluster could not take (a `state.StateUnavailable`).
+
+    504 `outcome_unknown` when the write may still apply (the client should re-read before
+    retrying), 503 `storage_full` when this node's disk is full, else 503 `no_quorum`."""
+    from .raft.errors import StorageFull, WriteOutcomeUnknown   # errors.py stays import-light
+    if isinstance(exc, WriteOutcomeUnknown):
+        return openai_error(504, f"the write's outcome is unknown: {exc}",
+                            type_="server_error", code="outcome_unknown")
+    if isinstance(exc, StorageFull):
+        return openai_error(503, f"this node cannot accept writes: {exc}",
+                            type_="server_error", code="storage_full",
+                            headers={"Retry-After": "30"})
+    return openai_error(503, f"the cluster cannot accept writes now: {exc}",
+                        type_="server_error", code="no_quorum", headers={"Retry-After": "2"})
 
 
 @web.middleware

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +44,10 @@ __all__ = ["ClusterStore", "RaftStatus", "PeerStatus", "StateView", "StateUnavai
 log = logging.getLogger("gpumesh.state")
 
 _MEMBERSHIP_RETRY_S = 0.05
+# A command is one Raft log entry, sent whole to every follower: keep entries small.
+MAX_COMMAND_BYTES = 1 << 20
+_RETRY_FIRST_S = 0.01
+_RETRY_MAX_S = 0.2
 
 
 class StateView:
@@ -209,34 +214,79 @@ class ClusterStore:
     async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         """Replicate one command and return its result once committed and applied here.
 
-        Raises CommandRejected when the state machine refused it, StateUnavailable when it
-        could not be committed in time (no leader, no quorum, deadline).
+        The command gets a request id (`"rid"`, unless the caller set one: to retry a write
+        across submits, pass its rid again) and applies at most once however often it is
+        sent. Until the deadline, attempts that were certainly not applied (no leader yet,
+        sent to a node that had stopped leading, queue full) are retried with the same rid.
+
+        Raises:
+          CommandRejected: the state machine refused it; nothing changed.
+          WriteOutcomeUnknown: it reached the Raft group but no answer came in time (or the
+            leader changed under it): it may still apply. Re-read the state; resubmitting
+            with the same rid is safe.
+          StorageFull: this node cannot write its journal (disk full).
+          StateUnavailable: it was not applied (no leader within the deadline, not running).
         """
         if not self._node.running or self._loop is None:
             raise StateUnavailable("the state store is not running")
+        if not isinstance(command.get("rid"), str):
+            command = {**command, "rid": secrets.token_hex(8)}
+        payload = msgpack.packb(command, use_bin_type=True)
+        op = command.get("op")
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise CommandRejected("too_large", f"the {op} command is {len(payload)} bytes; the "
+                                  f"limit is {MAX_COMMAND_BYTES} bytes")
         loop = self._loop
+        deadline = loop.time() + timeout
+        uncertain = False
+        pause = _RETRY_FIRST_S
+        while True:
+            self._refuse_if_storage_failed(op)
+            result, error = await self._attempt(payload, deadline)
+            if error == FAIL_REASON.SUCCESS:
+                break
+            uncertain = uncertain or error is None or error in _UNCERTAIN
+            if error is None or loop.time() + pause >= deadline:
+                why = ("no answer came" if error is None
+                       else _FAIL_WORDS.get(error, "pysyncobj refused it"))
+                if uncertain:
+                    raise WriteOutcomeUnknown(
+                        f"{op}: outcome unknown — it reached the Raft group but was not "
+                        f"confirmed within {timeout:g} s ({why}; leader: "
+                        f"{self._status.leader or 'none'}, quorum: {self._status.has_quorum}). "
+                        f"It may still be applied: re-read before retrying")
+                raise StateUnavailable(f"{op} was not applied: {why} (for {timeout:g} s)")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
+        if "error" in result:
+            raise CommandRejected(result.get("code", "rejected"), result["error"])
+        return result
+
+    async def _attempt(self, payload: bytes, deadline: float) -> tuple[Any, int | None]:
+        """Hand one copy of the command to pysyncobj; (result, error code), or (None, None)
+        if no answer came before `deadline`."""
+        assert self._loop is not None
+        loop, node = self._loop, self._node
         future: asyncio.Future[tuple[Any, int]] = loop.create_future()
-        node = self._node
 
         def on_done(result: Any, error: int) -> None:  # called on the Raft thread
             node.write_finished()
             loop.call_soon_threadsafe(_resolve, future, result, error)
 
-        payload = msgpack.packb(command, use_bin_type=True)
         node.write_started()
-        self._document._apply(payload, callback=on_done)
         try:
-            result, error = await asyncio.wait_for(future, timeout)
+            self._document._apply(payload, callback=on_done)
+        except OSError:
+            pass    # the wake-up pipe is full: the command is queued and a wake-up pending
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
-            raise StateUnavailable(
-                f"{command.get('op')} was not committed within {timeout:g} s "
-                f"(leader: {self._status.leader or 'none'}, quorum: {self._status.has_quorum})"
-            ) from None
-        if error != FAIL_REASON.SUCCESS:
-            raise StateUnavailable(f"{command.get('op')} failed: {_FAIL_WORDS.get(error, error)}")
-        if "error" in result:
-            raise CommandRejected(result.get("code", "rejected"), result["error"])
-        return result
+            return None, None
+
+    def _refuse_if_storage_failed(self, op: Any) -> None:
+        if self._status.storage_error:
+            raise StorageFull(f"{op} was not applied: this node cannot write its Raft journal "
+                              f"({self._status.storage_error}); free disk space on it")
 
     # --- membership ------------------------------------------------------------------------
 
@@ -389,9 +439,14 @@ def _resolve(future: asyncio.Future, result: Any, error: int) -> None:
         future.set_result((result, error))
 
 
+# Failures after which the command may still be applied: a follower lost track of a
+# command it had forwarded when the leader changed, or the answer refers to an entry already
+# applied. The others say for sure that this copy was not applied.
+_UNCERTAIN = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
+
 _FAIL_WORDS = {
     FAIL_REASON.QUEUE_FULL: "the command queue is full",
-    FAIL_REASON.MISSING_LEADER: "there is no Raft leader (no quorum?)",
+    FAIL_REASON.MISSING_LEADER: "there is no Raft leader (an election, or no quorum)",
     FAIL_REASON.DISCARDED: "the command was discarded by a leader change",
     FAIL_REASON.NOT_LEADER: "the node it was sent to is not the leader",
     FAIL_REASON.LEADER_CHANGED: "the leader changed before it committed",

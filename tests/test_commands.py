@@ -58,8 +58,8 @@ def _populated() -> dict:
     commands = [
         {"op": "upsert_node", "node": _node("n1")},
         {"op": "upsert_node", "node": _node("n2")},
-        {"op": "create_model", "model": _model("m1")},
-        {"op": "create_model", "model": _model("m2")},
+        {"op": "create_model", "model": _model("m1", replicas=2)},
+        {"op": "create_model", "model": _model("m2", replicas=2)},
         {"op": "create_instance", "instance": _instance("i1", "m1", "n1")},
         {"op": "create_instance", "instance": _instance("i2", "m1", "n2")},
         {"op": "create_instance", "instance": _instance("i3", "m2", "n1")},

@@ -10,44 +10,13 @@ from pathlib import Path
 import pytest
 from harness import free_port
 from inprocess import raft_threads
+from raftcluster import READY_S, leader_of, make_store as _store, until as _until
 
-from gpumesh.mesh.state import ClusterStore, CommandRejected, NotLeader
-
-SECRET = "membership-test-secret-0123456789"
-READY_S = 20.0
-
-
-def _store(root: Path, address: str, partners: list[str]) -> ClusterStore:
-    folder = root / address.replace(":", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    return ClusterStore(self_address=address, partners=partners,
-                        journal_file=folder / "journal", snapshot_file=folder / "snapshot",
-                        secret=SECRET, bind_host="127.0.0.1")
+from gpumesh.mesh.state import CommandRejected, NotLeader
 
 
 def _members_file(root: Path, address: str) -> dict:
     return json.loads((root / address.replace(":", "_") / "journal.members").read_text())
-
-
-async def _leader_of(stores: list[ClusterStore], timeout: float = READY_S) -> ClusterStore:
-    await asyncio.gather(*(s.wait_ready(timeout) for s in stores))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        leaders = [s for s in stores if s.status.is_leader]
-        if len(leaders) == 1 and all(s.status.leader == leaders[0].status.self_address
-                                     for s in stores):
-            return leaders[0]
-        await asyncio.sleep(0.02)
-    raise AssertionError([s.status for s in stores])
-
-
-async def _until(predicate, timeout: float = READY_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +33,7 @@ def test_join_leave_and_restart_with_the_recorded_members(tmp_path):
         stores = {a: _store(tmp_path, a, founders) for a in founders}
         try:
             await asyncio.gather(*(s.start() for s in stores.values()))
-            leader = await _leader_of(list(stores.values()))
+            leader = await leader_of(list(stores.values()))
             await leader.submit({"op": "upsert_node", "node": {"id": "n1", "status": "ready"}})
             follower = next(s for s in stores.values() if s is not leader)
             with pytest.raises(NotLeader) as info:
@@ -112,7 +81,7 @@ def test_join_leave_and_restart_with_the_recorded_members(tmp_path):
         stores = [_store(tmp_path, a, []) for a in remaining]
         try:
             await asyncio.gather(*(s.start() for s in stores))
-            leader = await _leader_of(stores)
+            leader = await leader_of(stores)
             assert all(s.status.members == remaining for s in stores)
             assert all({"n1", "n4", "n5"} <= set(s.view.nodes) for s in stores)
             await leader.submit({"op": "upsert_node", "node": {"id": "n6", "status": "ready"}})

@@ -14,7 +14,8 @@ import pytest
 from harness import free_port
 from inprocess import raft_threads
 
-from gpumesh.mesh.state import ClusterStore, CommandRejected, StateUnavailable, StateView
+from gpumesh.mesh.state import (ClusterStore, CommandRejected, StateUnavailable, StateView,
+                                WriteOutcomeUnknown)
 
 READY_TIMEOUT = 10.0
 
@@ -242,8 +243,11 @@ def test_without_quorum_wait_ready_and_submit_fail_in_time(tmp_path):
             started = time.perf_counter()
             with pytest.raises(StateUnavailable, match="leader: none"):
                 await store.wait_ready(0.5)
-            with pytest.raises(StateUnavailable, match="upsert_node was not committed"):
+            # Never handed to a leader: certainly not applied, and it says so.
+            with pytest.raises(StateUnavailable, match="upsert_node was not applied: there "
+                               "is no Raft leader") as info:
                 await store.submit(NODE, timeout=0.3)
+            assert not isinstance(info.value, WriteOutcomeUnknown)
             assert time.perf_counter() - started < 3.0
             assert not store.status.is_leader and not store.status.has_quorum
             assert store.view.nodes == {}

@@ -13,7 +13,10 @@ therefore always see a consistent, immutable snapshot without taking a lock.
 
 Conditions (compare-and-set) live here too, so that a retried or raced command is harmless:
 creating a model that exists fails, updating an instance that was deleted fails, an agent can
-only update instances assigned to its own node.
+only update instances assigned to its own node, an instance is created only while its model
+lacks replicas and its allocation fits what its node has left (so two leaders during a term
+change cannot overcommit). Every submitted command carries a request id and applies at most
+once (`requests.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from . import instances, join_tokens, keys, models, nodes
 from .common import CommandError, Handler, Result, State
 from .instances import INSTANCE_STATES
+from .requests import recall, remember
 
 __all__ = ["COLLECTIONS", "INSTANCE_STATES", "CommandError", "State", "apply_command",
            "empty_state"]
@@ -35,7 +39,17 @@ def empty_state() -> State:
 
 
 def apply_command(state: State, command: dict[str, Any]) -> tuple[State, Result]:
-    """Apply one command; return the new state (old one untouched) and a result for the submitter."""
+    """Apply one command; return the new state (old one untouched) and a result for the submitter.
+
+    A command whose request id (`"rid"`) was seen before is not applied again: it gets the
+    result it got the first time (`requests.py`)."""
+    if (earlier := recall(state, command)) is not None:
+        return state, earlier
+    new_state, result = _apply(state, command)
+    return remember(new_state, command, result), result
+
+
+def _apply(state: State, command: dict[str, Any]) -> tuple[State, Result]:
     op = command.get("op", "")
     handler = HANDLERS.get(op) if isinstance(op, str) else None   # a list op is unhashable
     if handler is None:

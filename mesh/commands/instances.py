@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .capacity import check_fits
 from .common import CommandError, Result, State, refuse_identity_changes
 
 INSTANCE_STATES = ("scheduled", "downloading", "starting", "running", "error")
@@ -27,6 +28,14 @@ def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     if node.get("status") in ("unreachable", "stopped") or node.get("draining"):
         raise CommandError("node_unavailable", f"node {instance['node_id']!r} is "
                            f"{'draining' if node.get('draining') else node['status']}")
+    # Invariants, so two leaders (or two passes) deciding from the same view cannot both win.
+    model = state["models"][instance["model"]]
+    count = sum(1 for i in state["instances"].values() if i["model"] == instance["model"])
+    if count >= model["replicas"]:
+        raise CommandError("replicas_reached", f"model {instance['model']!r} already has "
+                           f"{count} of {model['replicas']} instance(s)")
+    check_fits(node, instance, state["instances"].values(),
+               cmd.get("limits"))
     instances = dict(state["instances"])
     instances[instance["id"]] = instance
     return {"instances": instances}, {"ok": True, "instance": instance}

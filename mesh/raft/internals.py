@@ -12,13 +12,18 @@ import errno
 from typing import Any
 
 from pysyncobj import SyncObj
+from pysyncobj.monotonic import monotonic as clock
 from pysyncobj.version import VERSION
 
-__all__ = ["PINNED_VERSION", "check_version", "election_deadline", "set_election_deadline",
+__all__ = ["PINNED_VERSION", "check_version", "clock", "election_deadline", "set_election_deadline",
            "next_heartbeat", "last_log_index", "last_response_times", "wake",
            "leader_noop_applied"]
 
 PINNED_VERSION = "0.3.17"
+
+
+# pysyncobj's deadlines are on its own clock (CLOCK_MONOTONIC_RAW on Linux), not on
+# time.monotonic(): every time compared with them must come from `clock()`.
 
 
 def check_version() -> None:

@@ -23,7 +23,6 @@ import logging
 import queue
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer
 from pysyncobj.transport import TCPTransport
 
 from . import internals
+from .internals import clock
 from .errors import StartupRefused
 from .members import MemberFile
 
@@ -67,7 +67,8 @@ class PeerStatus:
 
     address: str
     connected: bool
-    # time.monotonic() when this node last heard from it (None: never, or unknown here).
+    # When this node last heard from it, on internals.clock() (pysyncobj's clock; use
+    # silent_for()). None: never, or not known here.
     # On the leader this is refreshed by every heartbeat answer (10 per second), so a leader
     # can tell an unreachable node from what Raft already exchanges, with no extra writes.
     last_heard: float | None = None
@@ -76,7 +77,7 @@ class PeerStatus:
         """Seconds since this node last heard from the peer, or None if it never did."""
         if self.last_heard is None:
             return None
-        return max(0.0, (time.monotonic() if now is None else now) - self.last_heard)
+        return max(0.0, (clock() if now is None else now) - self.last_heard)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class RaftStatus:
     storage_error: str | None = None               # why this node cannot persist, if it cannot
 
     def to_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
+        now = clock()
         data = {k: v for k, v in self.__dict__.items() if k != "peers"}
         data["members"] = list(self.members)
         data["peers"] = {p.address: {"connected": p.connected,
@@ -119,7 +120,7 @@ class _Transport(TCPTransport):
             others = sorted(n.id for n in raft.otherNodes if n != node)
             rank = sorted([*others, raft.selfNode.id]).index(raft.selfNode.id)
             delay = _FIN_ELECTION_DELAY_S + rank * _FIN_RANK_STEP_S + random.uniform(0, 0.02)
-            internals.set_election_deadline(raft, time.monotonic() + delay)
+            internals.set_election_deadline(raft, clock() + delay)
 
 
 class RaftNode:
@@ -155,7 +156,10 @@ class RaftNode:
             dynamicMembershipChange=True,
             # Log compaction serialises in the tick thread: never fork a threaded asyncio process.
             useFork=False,
-            commandsWaitLeader=True,
+            # Without a leader a command fails at once (certainly not applied) and submit
+            # retries it with the same rid, instead of waiting in a queue where it could
+            # still commit after its submitter gave up.
+            commandsWaitLeader=False,
         )
         self._consumers = consumers
         self._on_status = on_status
@@ -170,6 +174,7 @@ class RaftNode:
         self._recorded_members: tuple[str, ...] = ()
         self._pending_members: tuple[tuple[str, ...], int] | None = None
         self._status: RaftStatus | None = None
+        self.ticks = 0          # ticks run so far (tests and benchmarks read it)
 
     # --- lifecycle (blocking: call from a worker thread) ------------------------------------
 
@@ -188,7 +193,7 @@ class RaftNode:
             raise
         if others:
             internals.set_election_deadline(
-                raft, time.monotonic() + _QUIET_START_S
+                raft, clock() + _QUIET_START_S
                 + random.uniform(0, _RAFT_MAX_TIMEOUT_S - _RAFT_MIN_TIMEOUT_S))
         self._raft = raft
         self._record_members(tuple(sorted(members)))
@@ -224,6 +229,7 @@ class RaftNode:
         try:
             while not self._stopping.is_set():
                 self._run_calls(raft)
+                self.ticks += 1
                 try:
                     raft.doTick(0.0)
                     self._publish(raft)
@@ -236,7 +242,7 @@ class RaftNode:
             raft.destroy()          # autoTick=False: synchronous, in this (the owning) thread
 
     def _wait_seconds(self, raft: SyncObj) -> float:
-        now = time.monotonic()
+        now = clock()
         if raft._isLeader():
             if self._in_flight and now < self._busy_until:
                 return _BUSY_TICK_S
@@ -344,9 +350,9 @@ class RaftNode:
         """A write was handed to pysyncobj: lets a lone leader tick fast for a moment."""
         with self._in_flight_lock:
             self._in_flight += 1
-        self._busy_until = time.monotonic() + _BUSY_WINDOW_S
+        self._busy_until = clock() + _BUSY_WINDOW_S
 
     def write_finished(self) -> None:
         with self._in_flight_lock:
             self._in_flight -= 1
-        self._busy_until = time.monotonic() + _BUSY_WINDOW_S
+        self._busy_until = clock() + _BUSY_WINDOW_S
