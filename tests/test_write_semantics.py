@@ -4,6 +4,7 @@ leader cut off from its followers says "outcome unknown" rather than "failed".""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from harness import free_port
@@ -49,6 +50,10 @@ def test_a_leader_cut_off_says_outcome_unknown_and_the_retry_applies_once(tmp_pa
         try:
             leader = await leader_of(list(stores.values()))
             followers = [a for a in addresses if a != leader.status.self_address]
+            # The leader hears every follower ~10 times a second (no extra writes needed).
+            await until(lambda: all(p.connected and p.silent_for(time.monotonic()) < 0.5
+                                    for p in leader.status.peers))
+            assert [p.address for p in leader.status.peers] == sorted(followers)
             for address in followers:
                 await stores.pop(address).stop()
             # The leader still believes it leads (for its 1.5 s fallback) and appends the
@@ -63,6 +68,7 @@ def test_a_leader_cut_off_says_outcome_unknown_and_the_retry_applies_once(tmp_pa
             assert leader._node.ticks - ticks < 250
             # Once it has stepped down, a write is refused for sure: no leader to take it.
             await until(lambda: not leader.status.is_leader, timeout=5)
+            assert all(not p.connected for p in leader.status.peers)
             with pytest.raises(StateUnavailable, match="was not applied") as refused:
                 await leader.submit({"op": "upsert_node", "node": {"id": "n"}}, timeout=0.3)
             assert not isinstance(refused.value, WriteOutcomeUnknown)

@@ -23,6 +23,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,8 +68,7 @@ class PeerStatus:
 
     address: str
     connected: bool
-    # When this node last heard from it, on internals.clock() (pysyncobj's clock; use
-    # silent_for()). None: never, or not known here.
+    # time.monotonic() when this node last heard from it. None: never, or not known here.
     # On the leader this is refreshed by every heartbeat answer (10 per second), so a leader
     # can tell an unreachable node from what Raft already exchanges, with no extra writes.
     last_heard: float | None = None
@@ -77,7 +77,7 @@ class PeerStatus:
         """Seconds since this node last heard from the peer, or None if it never did."""
         if self.last_heard is None:
             return None
-        return max(0.0, (clock() if now is None else now) - self.last_heard)
+        return max(0.0, (time.monotonic() if now is None else now) - self.last_heard)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class RaftStatus:
     storage_error: str | None = None               # why this node cannot persist, if it cannot
 
     def to_dict(self) -> dict[str, Any]:
-        now = clock()
+        now = time.monotonic()
         data = {k: v for k, v in self.__dict__.items() if k != "peers"}
         data["members"] = list(self.members)
         data["peers"] = {p.address: {"connected": p.connected,
@@ -282,8 +282,11 @@ class RaftNode:
         others = raft.otherNodes
         is_leader = raft._isLeader()
         heard = internals.last_response_times(raft) if is_leader else {}
+        # pysyncobj's times are on its own clock; PeerStatus speaks time.monotonic().
+        shift = time.monotonic() - clock()
         peers = tuple(sorted(
-            (PeerStatus(n.id, raft.isNodeConnected(n), heard.get(n)) for n in others),
+            (PeerStatus(n.id, raft.isNodeConnected(n),
+                        heard[n] + shift if n in heard else None) for n in others),
             key=lambda p: p.address))
         members = tuple(sorted([self.self_address, *(n.id for n in others)]))
         status = RaftStatus(
