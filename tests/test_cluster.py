@@ -179,9 +179,12 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
         placed = running_on(new_leader)
         return len(placed) == 2 and old_leader_id not in placed
     cluster.wait(back_to_two, "tiny back to 2 running replicas off the dead node", 60)
-    code, nodes = new_leader.api("/api/nodes")
-    dead = next(n for n in nodes["data"] if n["id"] == old_leader_id)
-    assert dead["state"] == "unreachable" and dead["role"] == "follower"
+    def dead_node() -> dict:
+        return next(n for n in new_leader.api("/api/nodes")[1]["data"]
+                    if n["id"] == old_leader_id)
+    cluster.wait(lambda: dead_node()["state"] == "unreachable", "the dead node is unreachable",
+                 30)
+    assert dead_node()["role"] == "follower"      # still a member: only `node rm` removes
     if leader_had_instance:
         assert "unreachable" in new_leader.output() and "moving 1 instance" in \
             new_leader.output()
