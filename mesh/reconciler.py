@@ -1,9 +1,13 @@
-"""The leader's loop: keep each model's instances at its desired replica count.
+"""The leader's loop: keep each model's instances at the count it wants now.
 
 Runs on every node but acts only while this node is the Raft leader, so exactly one node
 schedules at a time and a new leader picks up where the old one stopped (the state is the
 only memory). Each pass re-reads the state and makes at most one change per model, so every
-decision sees the previous one's effect (the allocation it took).
+decision sees the previous one's effect (the memory it booked).
+
+`decide` is the pure part (state in, commands out), shared with the benchmark; the
+reconciler only submits what it returns. A `ClusterIndex` follows the state incrementally,
+so a decision costs an identity check per record plus an indexed lookup, not a rescan.
 """
 
 from __future__ import annotations
@@ -11,22 +15,100 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from .scheduler import Placement, Scheduler
+from .scheduler import ClusterIndex, Placement, Scheduler
+from .scheduler.demand import EVICT_IDLE_S, plan_eviction, wanted_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
-__all__ = ["ReplicaReconciler"]
+__all__ = ["ReplicaReconciler", "decide"]
 
 log = logging.getLogger("gpumesh.scheduler")
 
 _RESYNC_S = 2.0
 
 
+def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
+           models: Mapping[str, Mapping[str, Any]], now: float,
+           new_id: Callable[[str], str], evict_idle_s: float = EVICT_IDLE_S) -> list[dict[str, Any]]:
+    """The commands that move `model` one step towards the replicas it wants now.
+
+    `index` must reflect the state `models` belongs to. Placing one more instance, removing
+    one, evicting idle instances of other on-demand models to make room, or recording
+    (clearing) why the model cannot be placed.
+    """
+    name = model["name"]
+    ids = index.instances_by_model.get(name, ())
+    wanted = wanted_replicas(model, now)
+    if len(ids) < wanted:
+        # One node without evicting, then one node by evicting idle instances, and only then
+        # one replica split over several nodes (slower to serve than either).
+        outcome = scheduler.place_in(model, index, multi_node=False)
+        if isinstance(outcome, Placement):
+            return _create(model, outcome, new_id, now)
+        single_node = lambda m, i: scheduler.place_in(m, i, multi_node=False)  # noqa: E731
+        eviction = plan_eviction(model, index, models, now, single_node, evict_idle_s)
+        if eviction is None:
+            outcome = scheduler.place_in(model, index)
+            if isinstance(outcome, Placement):
+                return _create(model, outcome, new_id, now)
+        else:
+            log.info("evicting %s (idle: %s) to make room for %s", ", ".join(eviction.instance_ids),
+                     ", ".join(eviction.models), name)
+            return ([{"op": "update_model", "name": m, "changes": {"evicted_at": now}}
+                     for m in eviction.models]
+                    + [{"op": "delete_instance", "id": i} for i in eviction.instance_ids])
+        return _set_error(model, outcome.reason)
+    if len(ids) > wanted:
+        # Scale down the least useful first: not running, then the newest.
+        victim = min((index.instances[i] for i in ids),
+                     key=lambda i: (i.get("state") == "running", -i.get("created", 0.0), i["id"]))
+        return [{"op": "delete_instance", "id": victim["id"]}]
+    return _set_error(model, None)
+
+
+def _create(model: Mapping[str, Any], placement: Placement, new_id: Callable[[str], str],
+            now: float) -> list[dict[str, Any]]:
+    return [{"op": "create_instance", "instance": _instance(model, placement, new_id, now)},
+            *_set_error(model, None)]
+
+
+def _set_error(model: Mapping[str, Any], reason: str | None) -> list[dict[str, Any]]:
+    if model.get("schedule_error") == reason:
+        return []
+    return [{"op": "update_model", "name": model["name"], "changes": {"schedule_error": reason}}]
+
+
+def _instance(model: Mapping[str, Any], placement: Placement, new_id: Callable[[str], str],
+              now: float) -> dict[str, Any]:
+    return {
+        "id": new_id(model["name"]),
+        "model": model["name"],
+        "node_id": placement.node_id,
+        "state": "scheduled",
+        "allocation": placement.allocation(),
+        "placement_reason": placement.reason,
+        "port": None,
+        "pid": None,
+        "reason": None,
+        "restarts": 0,
+        "created": now,
+        "updated": now,
+    }
+
+
+def new_instance_id(model_name: str) -> str:
+    return f"{_slug(model_name)}-{secrets.token_hex(3)}"
+
+
 class ReplicaReconciler:
-    def __init__(self, store: ClusterStore, scheduler: Scheduler) -> None:
+    def __init__(self, store: ClusterStore, scheduler: Scheduler, *,
+                 clock: Callable[[], float] = time.time, evict_idle_s: float = EVICT_IDLE_S) -> None:
         self._store = store
         self._scheduler = scheduler
+        self._index = scheduler.new_index()
+        self._clock = clock
+        self._evict_idle_s = evict_idle_s
 
     async def run(self) -> None:
         version = -1
@@ -43,58 +125,20 @@ class ReplicaReconciler:
             view = self._store.view
             if (model := view.models.get(name)) is None:
                 continue
+            self._index.sync(view.nodes, view.instances)
+            commands = decide(self._scheduler, model, self._index, view.models, self._clock(),
+                              new_instance_id, self._evict_idle_s)
             try:
-                await self._reconcile_model(view, model)
+                for command in commands:
+                    await self._store.submit(command)
             except CommandRejected as exc:   # raced with a delete or a node change: next pass
                 log.debug("reconcile %s: %s", name, exc)
             except StateUnavailable as exc:
                 log.warning("cannot reconcile %s now: %s", name, exc)
                 return
-
-    async def _reconcile_model(self, view: StateView, model: dict[str, Any]) -> None:
-        instances = view.instances_of(model["name"])
-        missing = model["replicas"] - len(instances)
-        if missing > 0:
-            await self._add_instance(view, model)
-        elif missing < 0:
-            await self._remove_instance(instances)
-        elif model.get("schedule_error"):
-            await self._set_schedule_error(model, None)
-
-    async def _add_instance(self, view: StateView, model: dict[str, Any]) -> None:
-        outcome = self._scheduler.place(model, view.nodes.values(), view.instances.values())
-        if not isinstance(outcome, Placement):
-            await self._set_schedule_error(model, outcome.reason)
-            return
-        instance = {
-            "id": f"{_slug(model['name'])}-{secrets.token_hex(3)}",
-            "model": model["name"],
-            "node_id": outcome.node_id,
-            "state": "scheduled",
-            "allocation": outcome.allocation(),
-            "port": None,
-            "pid": None,
-            "reason": None,
-            "restarts": 0,
-            "created": time.time(),
-            "updated": time.time(),
-        }
-        await self._store.submit({"op": "create_instance", "instance": instance})
-        if model.get("schedule_error"):
-            await self._set_schedule_error(model, None)
-
-    async def _remove_instance(self, instances: list[dict[str, Any]]) -> None:
-        # Scale down the least useful first: not running, then the newest.
-        victim = min(instances, key=lambda i: (i["state"] == "running", -i["created"]))
-        await self._store.submit({"op": "delete_instance", "id": victim["id"]})
-
-    async def _set_schedule_error(self, model: dict[str, Any], reason: str | None) -> None:
-        if model.get("schedule_error") == reason:
-            return
-        if reason:
-            log.warning("cannot schedule %s: %s", model["name"], reason)
-        await self._store.submit({"op": "update_model", "name": model["name"],
-                                  "changes": {"schedule_error": reason}})
+            for command in commands:
+                if command["op"] == "update_model" and command["changes"].get("schedule_error"):
+                    log.warning("cannot schedule %s: %s", name, command["changes"]["schedule_error"])
 
 
 def _slug(name: str) -> str:

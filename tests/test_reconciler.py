@@ -1,0 +1,181 @@
+"""The leader's decisions (`reconciler.decide`) on a real state machine, without Raft.
+
+Each step is what one reconciler pass does for one model: decide on the current state,
+apply the commands with the same `apply_command` every node runs, and look again. Covers
+replica counts, the on-demand (scale to zero) rule and LRU eviction of idle instances.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from gpumesh.mesh.commands import apply_command, empty_state
+from gpumesh.mesh.reconciler import decide
+from gpumesh.mesh.scheduler import Scheduler
+from gpumesh.mesh.scheduler.demand import is_active, wanted_replicas
+
+from test_scheduler import GiB, node
+
+NOW = 1_000_000.0
+
+
+class Cluster:
+    """A state plus the reconciler's index, advanced by applying decided commands."""
+
+    def __init__(self, *nodes: dict) -> None:
+        self.state = empty_state()
+        self.scheduler = Scheduler(reserved_memory_bytes=0, gpu_memory_fraction=1.0)
+        self.index = self.scheduler.new_index()
+        self.ids = itertools.count()
+        for n in nodes:
+            self.apply({"op": "upsert_node", "node": n})
+
+    def apply(self, command: dict) -> dict:
+        self.state, result = apply_command(self.state, command)
+        assert "error" not in result, result
+        return result
+
+    def deploy(self, name: str, size: int, *, replicas: int = 1, **fields) -> None:
+        model = {"name": name, "backend": "llama.cpp", "replicas": replicas, "created": 0.0,
+                 "estimate": {"total_bytes": size}, "schedule_error": None, **fields}
+        self.apply({"op": "create_model", "model": model})
+
+    def step(self, name: str, now: float = NOW) -> list[dict]:
+        self.index.sync(self.state["nodes"], self.state["instances"])
+        commands = decide(self.scheduler, self.state["models"][name], self.index,
+                          self.state["models"], now, lambda m: f"{m}-{next(self.ids)}")
+        for command in commands:
+            self.apply(command)
+        return commands
+
+    def settle(self, name: str, now: float = NOW, limit: int = 20) -> None:
+        for _ in range(limit):
+            if not self.step(name, now):
+                return
+        raise AssertionError(f"{name} did not settle in {limit} steps")
+
+    def instances_of(self, name: str) -> list[dict]:
+        return sorted((i for i in self.state["instances"].values() if i["model"] == name),
+                      key=lambda i: i["id"])
+
+    def run(self, name: str) -> None:
+        """As the node agent would report: every instance of the model is running."""
+        for i in self.instances_of(name):
+            self.apply({"op": "update_instance", "id": i["id"], "changes": {"state": "running"}})
+
+
+def test_one_instance_per_step_until_the_count_is_reached():
+    c = Cluster(node("a", ram=32 * GiB), node("b", ram=32 * GiB))
+    c.deploy("m", 2 * GiB, replicas=2)
+    first = c.step("m")
+    assert [cmd["op"] for cmd in first] == ["create_instance"]
+    created = first[0]["instance"]
+    assert created["state"] == "scheduled" and created["allocation"]["bookings"]
+    assert created["placement_reason"].startswith("binpack: the CPU of host-a")
+    c.settle("m")
+    assert sorted(i["node_id"] for i in c.instances_of("m")) == ["a", "b"]
+
+
+def test_an_unschedulable_model_records_why_once_and_clears_it_when_it_fits():
+    c = Cluster(node("a", ram=4 * GiB))
+    c.deploy("big", 8 * GiB)
+    assert c.step("big")[0]["changes"]["schedule_error"].startswith("needs 8.0 GiB of RAM")
+    assert c.step("big") == []                      # the same reason is not written again
+    c.apply({"op": "upsert_node", "node": node("b", ram=16 * GiB)})
+    c.settle("big")
+    assert c.state["models"]["big"]["schedule_error"] is None
+    assert [i["node_id"] for i in c.instances_of("big")] == ["b"]
+
+
+def test_scaling_down_removes_what_is_not_running_first_then_the_newest():
+    c = Cluster(node("a", ram=32 * GiB), node("b", ram=32 * GiB), node("c", ram=32 * GiB))
+    c.deploy("m", GiB, replicas=3)
+    c.settle("m")
+    oldest = c.instances_of("m")[0]["id"]
+    c.run("m")
+    c.apply({"op": "update_instance", "id": oldest, "changes": {"state": "error"}})
+    c.apply({"op": "update_model", "name": "m", "changes": {"replicas": 2}})
+    assert c.step("m") == [{"op": "delete_instance", "id": oldest}]
+
+
+# --- on demand: scale to zero --------------------------------------------------------------
+
+def test_an_on_demand_model_waits_for_its_first_request():
+    c = Cluster(node("a", ram=32 * GiB))
+    c.deploy("lazy", GiB, min_replicas=0, idle_timeout_s=60.0, last_request=None)
+    assert c.step("lazy") == [] and c.instances_of("lazy") == []
+
+
+def test_a_request_starts_it_and_the_idle_timeout_stops_it():
+    c = Cluster(node("a", ram=32 * GiB))
+    c.deploy("lazy", GiB, replicas=2, min_replicas=0, idle_timeout_s=60.0)
+    c.apply({"op": "update_model", "name": "lazy", "changes": {"last_request": NOW}})
+    c.settle("lazy", now=NOW + 1)
+    assert len(c.instances_of("lazy")) == 2
+    c.settle("lazy", now=NOW + 59)                  # still within the timeout: stays
+    assert len(c.instances_of("lazy")) == 2
+    c.settle("lazy", now=NOW + 61)
+    assert c.instances_of("lazy") == []
+
+
+def test_min_replicas_stay_when_idle():
+    model = {"replicas": 3, "min_replicas": 1, "idle_timeout_s": 10.0, "last_request": NOW}
+    assert wanted_replicas(model, NOW + 5) == 3
+    assert wanted_replicas(model, NOW + 11) == 1
+    assert wanted_replicas({"replicas": 3}, NOW) == 3       # not on demand: always all
+    assert not is_active({**model, "evicted_at": NOW}, NOW + 1)
+    assert is_active({**model, "evicted_at": NOW - 1}, NOW + 1)
+
+
+# --- eviction: least recently used idle instances make room ---------------------------------
+
+def _on_demand(c: Cluster, name: str, size: int, last_request: float, **fields) -> None:
+    c.deploy(name, size, min_replicas=0, idle_timeout_s=3600.0, **fields)
+    c.apply({"op": "update_model", "name": name, "changes": {"last_request": last_request}})
+    c.settle(name, now=last_request)
+    c.run(name)
+
+
+def test_the_least_recently_used_idle_instance_is_evicted_for_a_new_request():
+    c = Cluster(node("a", ram=10 * GiB))
+    _on_demand(c, "old", 4 * GiB, last_request=NOW - 600)
+    _on_demand(c, "recent", 4 * GiB, last_request=NOW - 300)
+    c.deploy("wanted", 5 * GiB, min_replicas=0, idle_timeout_s=3600.0, last_request=NOW)
+    commands = c.step("wanted")                     # cannot fit: 2 GiB free
+    assert [cmd["op"] for cmd in commands] == ["update_model", "delete_instance"]
+    assert c.state["models"]["wanted"]["schedule_error"] is None
+    assert c.instances_of("wanted") == [] and c.instances_of("old") == []
+    assert c.state["models"]["old"]["evicted_at"] == NOW
+    assert len(c.instances_of("recent")) == 1
+    c.settle("old")                                  # evicted: it stays down
+    assert c.instances_of("old") == []
+    c.settle("wanted")
+    assert len(c.instances_of("wanted")) == 1
+
+
+def test_only_instances_that_help_are_evicted():
+    c = Cluster(node("a", ram=4 * GiB), node("b", ram=6 * GiB))
+    _on_demand(c, "oldest-elsewhere", 1 * GiB, last_request=NOW - 900,
+               placement={"node_selector": {"name": "host-a"}})    # a can never hold 6 GiB
+    _on_demand(c, "blocker", 5 * GiB, last_request=NOW - 600,
+               placement={"node_selector": {"name": "host-b"}})    # b: 1 GiB left
+    blocker = c.instances_of("blocker")[0]["id"]
+    c.deploy("new", 6 * GiB)
+    commands = c.step("new")
+    assert [cmd.get("id") for cmd in commands if cmd["op"] == "delete_instance"] == [blocker]
+    assert len(c.instances_of("oldest-elsewhere")) == 1
+    c.settle("new")
+    assert [i["node_id"] for i in c.instances_of("new")] == ["b"]
+
+
+def test_busy_or_always_on_instances_are_not_evicted():
+    c = Cluster(node("a", ram=10 * GiB))
+    _on_demand(c, "busy", 6 * GiB, last_request=NOW - 1)      # asked for a second ago
+    c.deploy("always", 3 * GiB)
+    c.settle("always")
+    c.run("always")
+    c.deploy("new", 5 * GiB)
+    commands = c.step("new")
+    assert [cmd["op"] for cmd in commands] == ["update_model"]
+    assert commands[0]["changes"]["schedule_error"].startswith("needs 5.0 GiB of RAM")
+    assert len(c.instances_of("busy")) == 1 and len(c.instances_of("always")) == 1
