@@ -326,19 +326,22 @@ def telemetry_cost(daemon: Daemon, label: str) -> None:
 
 
 class Outsider:
-    """A process gpumesh did not start, holding `gib` GiB on one GPU."""
+    """A process gpumesh did not start, holding `gib` GiB on one GPU (or all but `leave_gib`)."""
 
-    def __init__(self, gpu: int, gib: float) -> None:
-        code = ("import torch, sys; x = torch.empty(int(%f * (1 << 30)), dtype=torch.uint8, "
-                "device='cuda'); torch.cuda.synchronize(); print('held', flush=True); "
-                "sys.stdin.read()" % gib)
+    def __init__(self, gpu: int, gib: float | None, leave_gib: float = 4.0) -> None:
+        size = (f"int({gib} * (1 << 30))" if gib is not None else
+                f"torch.cuda.mem_get_info()[0] - int({leave_gib} * (1 << 30))")
+        code = (f"import torch, sys; n = {size}; x = torch.empty(n, dtype=torch.uint8, "
+                "device='cuda'); torch.cuda.synchronize(); print('held', n, flush=True); "
+                "sys.stdin.read()")
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})
-        line = self.process.stdout.readline().strip() if self.process.stdout else ""
-        if line != "held":
-            raise RuntimeError(f"the outsider could not hold {gib} GiB on GPU {gpu}")
-        say(f"outsider pid {self.process.pid} holds {gib} GiB on GPU {gpu}")
+        line = self.process.stdout.readline().split() if self.process.stdout else []
+        if not line or line[0] != "held":
+            raise RuntimeError(f"the outsider could not hold its memory on GPU {gpu}")
+        FIGURES["outsider_bytes"] = int(line[1])
+        say(f"outsider pid {self.process.pid} holds {int(line[1]) / GiB:.1f} GiB on GPU {gpu}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -363,7 +366,7 @@ def models_spec(root: Path, args: argparse.Namespace) -> dict[str, dict[str, Any
 
 def phase_a(root: Path, args: argparse.Namespace) -> None:
     specs = models_spec(root, args)
-    daemon = Daemon(root / "a-node")
+    daemon = Daemon(root / "a-node", "--discovery", "off")
     step("a: gpumesh up (every GPU)", lambda: daemon.start(timeout=120))
     try:
         def inventory() -> None:
@@ -404,13 +407,12 @@ def phase_a(root: Path, args: argparse.Namespace) -> None:
 
 def phase_b(root: Path, args: argparse.Namespace) -> None:
     specs = models_spec(root, args)
-    outsider = step("b: outsider holds most of GPU 0", lambda: Outsider(0, args.outsider_gib))
-    first = Daemon(root / "b-node0", "--gpus", "0", "--node-name", "gpu0")
+    outsider = step("b: outsider holds GPU 0 but a few GiB", lambda: Outsider(0, None, args.outsider_leave_gib))
+    first = Daemon(root / "b-node0", "--gpus", "0", "--node-name", "gpu0", "--discovery", "off")
     step("b: daemon 0 up (--gpus 0)", lambda: first.start(timeout=120))
-    second = Daemon(root / "b-node1", "--gpus", "1", "--node-name", "gpu1",
-                    *join_args(first))
+    second = Daemon(root / "b-node1", "--gpus", "1", "--node-name", "gpu1", "--discovery", "off")
     try:
-        step("b: daemon 1 up (--gpus 1), joining daemon 0", lambda: second.start(timeout=120))
+        step("b: daemon 1 up (--gpus 1), joining daemon 0", lambda: join(second, first))
         step("b: two nodes ready", lambda: wait_for("two ready nodes", lambda: [
             (n["name"], [g["index"] for g in n["inventory"]["gpus"]],
              [g["memory_used_bytes"] // MiB for g in n["inventory"]["gpus"]])
@@ -449,15 +451,16 @@ def phase_b(root: Path, args: argparse.Namespace) -> None:
             outsider.stop()
 
 
-def join_args(first: Daemon) -> list[str]:
-    """How daemon 1 joins daemon 0, with whatever the mesh's join takes (a token)."""
-    status, body = http(first, "/api/join/tokens", {})
-    if status in (200, 201) and isinstance(body, dict) and body.get("token"):
-        return ["--join", f"{first.url}", "--token", body["token"]]
-    say(f"join token: HTTP {status} {str(body)[:300]}; trying `gpumesh cluster token`")
-    done = first.cli("cluster", "token")
-    token = done.stdout.strip().split()[-1] if done.returncode == 0 and done.stdout.strip() else ""
-    return ["--join", first.url, *(["--token", token] if token else [])]
+def join(node: Daemon, founder: Daemon) -> None:
+    """`gpumesh up --join` with a token the founder mints; the joiner uses the founder's key."""
+    status, body = http(founder, "/api/join-tokens", {"ttl_s": 600})
+    if status not in (200, 201):
+        raise RuntimeError(f"join token: HTTP {status} {body}")
+    node.key = founder.admin_key
+    node.extra_args = (*node.extra_args, "--join", f"127.0.0.1:{founder.api_port}",
+                       "--token", body["token"])
+    node.start(timeout=120)
+    node.extra_args = node.extra_args[:-4]        # a restart is a plain `gpumesh up`
 
 
 def main() -> int:
@@ -469,7 +472,8 @@ def main() -> int:
     parser.add_argument("--phase", choices=("a", "b", "all"), default="all")
     parser.add_argument("--backend", default="vllm")
     parser.add_argument("--ready-timeout", type=float, default=420.0)
-    parser.add_argument("--outsider-gib", type=float, default=120.0)
+    parser.add_argument("--outsider-leave-gib", type=float, default=4.0,
+                        help="the outsider takes all of GPU 0's free memory but this much")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

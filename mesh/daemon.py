@@ -243,7 +243,8 @@ class Daemon:
         await bootstrap_admin_key(self.store, self.data)
         presence = NodePresence(config=self.config, data=self.data, node_id=self.node_id,
                                 store=self.store, identity=self.identity, probe=self.probe,
-                                backends=self.backends, on_removed=self._stop.set)
+                                backends=self.backends, on_removed=self._stop.set,
+                                gpu_usage=self.telemetry.gpu_memory_used)
         await presence.register("ready")
         async with _owned_task(presence.run(), "node-presence"):
             yield

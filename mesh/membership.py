@@ -218,7 +218,8 @@ class NodePresence:
 
     def __init__(self, *, config: Config, data: DataDir, node_id: str, store: ClusterStore,
                  identity: ClusterIdentity, probe: Probe,
-                 backends: list[dict[str, Any]], on_removed: Callable[[], None]) -> None:
+                 backends: list[dict[str, Any]], on_removed: Callable[[], None],
+                 gpu_usage: Callable[[], list[dict[str, int]] | None] | None = None) -> None:
         self._config = config
         self._data = data
         self._node_id = node_id
@@ -227,6 +228,7 @@ class NodePresence:
         self._probe = probe
         self._backends = backends
         self._on_removed = on_removed
+        self._gpu_usage = gpu_usage         # the telemetry sampler's latest GPU memory figures
 
     async def register(self, status: str, timeout: float = 5.0) -> None:
         inventory = await asyncio.to_thread(self._probe.inventory)
@@ -251,12 +253,19 @@ class NodePresence:
                 return
             try:
                 await self._store.submit({"op": "node_heartbeat", "id": self._node_id,
-                                          "resources": _resources(), "at": time.time()},
+                                          "resources": self._resources(), "at": time.time()},
                                          timeout=HEARTBEAT_S)
             except CommandRejected:
                 continue                     # record gone: noticed on the next round
             except StateUnavailable as exc:
                 log.debug("heartbeat not committed: %s", exc)
+
+    def _resources(self) -> dict[str, Any]:
+        resources = _resources()
+        gpus = self._gpu_usage() if self._gpu_usage is not None else None
+        if gpus:
+            resources["gpus"] = gpus
+        return resources
 
     def _removed(self) -> None:
         log.error("this node was removed from the cluster: stopping. To join again, wipe "

@@ -116,6 +116,16 @@ class TelemetrySampler:
             samples = list(self._ring)
         return _after(samples, t)
 
+    def gpu_memory_used(self) -> list[dict[str, int]] | None:
+        """Each GPU's used memory in the latest sample, for the node's heartbeat: what other
+        programs hold reaches the scheduler within seconds. None when there is no good sample
+        (the heartbeat then leaves the last known figures as they are)."""
+        sample = self.latest()
+        if sample is None or sample["error"] is not None:
+            return None
+        return [{"index": g["index"], "memory_used_bytes": g["memory_used_bytes"]}
+                for g in sample["gpus"]]
+
     def cost(self) -> dict[str, Any]:
         """What sampling has cost so far: its thread's CPU time against the time it ran."""
         with self._lock:

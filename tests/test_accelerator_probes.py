@@ -287,6 +287,13 @@ def test_daemon_offers_only_its_gpus_and_serves_their_telemetry(tmp_path: Path) 
         assert [g["index"] for g in sample["gpus"]] == [1] and sample["error"] is None
         assert body["interval_s"] == 1.0 and body["sampler"]["samples"] >= 2
         assert "offering only GPUs 1 (--gpus)" in daemon.output()
+        # The heartbeat carries the sampled GPU memory into the node record.
+        deadline = time.monotonic() + 20
+        while "gpus" not in daemon.api("/api/nodes")[1]["data"][0].get("resources", {}):
+            assert time.monotonic() < deadline, daemon.api("/api/nodes")
+            time.sleep(0.2)
+        resources = daemon.api("/api/nodes")[1]["data"][0]["resources"]
+        assert resources["gpus"] == [{"index": 1, "memory_used_bytes": 0}]
     finally:
         assert daemon.stop() == 0
 
@@ -299,3 +306,46 @@ def test_daemon_refuses_a_gpu_it_does_not_have(tmp_path: Path) -> None:
     assert done.returncode == 1, done
     assert "--gpus 0 was given, but no GPU probe found a device" in done.stderr
     assert json.dumps(done.stderr).count("Traceback") == 0
+
+
+# --- telemetry feeds the heartbeat: the scheduler sees what other programs hold -------------
+
+def test_heartbeat_gpu_figures_refresh_the_inventory_the_scheduler_reads() -> None:
+    from gpumesh.mesh.commands import apply_command, empty_state
+
+    gpus = [{"index": i, "vendor": "cambricon", "name": "MLU370-X8", "uuid": f"u{i}",
+             "memory_total_bytes": 100, "memory_used_bytes": 1} for i in (0, 1)]
+    state, _ = apply_command(empty_state(), {"op": "upsert_node", "node": {
+        "id": "n1", "name": "a", "status": "ready", "inventory": {"gpus": gpus}}})
+    before = state["nodes"]["n1"]
+    state, result = apply_command(state, {"op": "node_heartbeat", "id": "n1", "at": 5.0,
+                                          "resources": {"memory_available_bytes": 7,
+                                                        "gpus": [{"index": 1, "memory_used_bytes": 90}]}})
+    assert result["ok"] is True
+    after = state["nodes"]["n1"]
+    assert [g["memory_used_bytes"] for g in after["inventory"]["gpus"]] == [1, 90]
+    assert after["resources"]["gpus"] == [{"index": 1, "memory_used_bytes": 90}]
+    assert before["inventory"]["gpus"][1]["memory_used_bytes"] == 1       # copy-on-write
+    # Without GPU figures (a failed sample) the last known ones stay.
+    state, _ = apply_command(state, {"op": "node_heartbeat", "id": "n1", "at": 7.0,
+                                     "resources": {"memory_available_bytes": 7}})
+    assert [g["memory_used_bytes"] for g in state["nodes"]["n1"]["inventory"]["gpus"]] == [1, 90]
+
+
+def test_sampler_hands_the_heartbeat_each_gpus_used_memory(tmp_path: Path) -> None:
+    from gpumesh.mesh.telemetry import TelemetrySampler
+
+    tool = fake_tool(tmp_path, "cnmon", FAKE_OUTPUTS[CambriconProbe])
+    sampler = TelemetrySampler(interval_s=0.05, keep_s=1.0)
+    assert sampler.gpu_memory_used() is None                      # nothing sampled yet
+    with CambriconProbe(tool_path=str(tool)) as probe:
+        sampler.start(probe)
+        try:
+            deadline = time.monotonic() + 20
+            while sampler.latest() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            sampler.stop()
+    assert sampler.gpu_memory_used() == [{"index": 0, "memory_used_bytes": 0},
+                                         {"index": 1, "memory_used_bytes": 0}]

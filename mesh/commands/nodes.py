@@ -27,11 +27,23 @@ def _upsert_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
 
 
 def _node_heartbeat(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
-    """A node's periodic refresh: free memory and load, a few bytes every few seconds."""
+    """A node's periodic refresh: free memory and load, a few bytes every few seconds.
+
+    `resources.gpus` (each GPU's index and used bytes, from the node's telemetry) also
+    refreshes the inventory's `memory_used_bytes`, which the scheduler reads: memory that a
+    program gpumesh did not start takes (or frees) counts within a heartbeat, not only at the
+    node's next registration."""
     current = _node(state, cmd["id"])
+    resources = dict(cmd["resources"])
+    updated = {**current, "resources": resources, "heartbeat_at": cmd["at"]}
+    used = {g["index"]: g["memory_used_bytes"] for g in resources.get("gpus") or ()}
+    inventory = current.get("inventory")
+    if used and inventory and inventory.get("gpus"):
+        updated["inventory"] = {**inventory, "gpus": [
+            {**g, "memory_used_bytes": used[g["index"]]} if g["index"] in used else g
+            for g in inventory["gpus"]]}
     nodes = dict(state["nodes"])
-    nodes[cmd["id"]] = {**current, "resources": dict(cmd["resources"]),
-                        "heartbeat_at": cmd["at"]}
+    nodes[cmd["id"]] = updated
     return {"nodes": nodes}, {"ok": True}
 
 
