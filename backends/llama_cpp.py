@@ -6,8 +6,14 @@ Two engines speak the same flags and the same HTTP API:
   the operator chose: CUDA, HIP, Vulkan …);
 - otherwise the `xllamacpp` wheel, a gpumesh dependency, through
   `python -m gpumesh.backends.llama_cpp_runner`, so every node can serve GGUF out of the box.
+  Other xllamacpp versions live in their own virtual envs (`versions.py`); the runner is
+  then started as a file by that env's interpreter (`python -I .../llama_cpp_runner.py`),
+  which needs nothing of gpumesh installed there.
 
-One argv builder serves both: the runner accepts llama-server's flags.
+One argv builder serves both: the runner accepts llama-server's flags. By model kind:
+embedding models get `--embeddings`, rerankers `--reranking`, VLMs their projector
+(`--mmproj`). Spreading one model over nodes uses llama.cpp's RPC: `rpc_server_launch`
+starts an `rpc-server` on a helper node, and the main instance names them with `--rpc`.
 """
 
 from __future__ import annotations
@@ -20,16 +26,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpumesh.backends.base import Backend, BackendUnavailable, LaunchRequest, LaunchSpec
+from gpumesh.backends.base import (Backend, BackendUnavailable, InstallRecipe, LaunchRequest,
+                                   LaunchSpec, distribution_version, python_of,
+                                   visible_devices_env)
 from gpumesh.modelfiles import context_length_for, read_gguf_metadata, resolve_model_file
 
-__all__ = ["LlamaCppBackend", "LLAMA_SERVER_ENV", "RUNNER_MODULE"]
+__all__ = ["LlamaCppBackend", "LLAMA_SERVER_ENV", "RPC_SERVER_ENV", "RUNNER_MODULE"]
 
 LLAMA_SERVER_ENV = "GPUMESH_LLAMA_SERVER"
+RPC_SERVER_ENV = "GPUMESH_LLAMA_RPC_SERVER"
 RUNNER_MODULE = "gpumesh.backends.llama_cpp_runner"
+# Run as a file by other versions' interpreters: the runner needs nothing of gpumesh.
+RUNNER_FILE = Path(__file__).resolve().with_name("llama_cpp_runner.py")
 _ALL_LAYERS = "999"          # llama.cpp clamps to the model's layer count: offload everything
 _VERSION_TIMEOUT_S = 10
-_VISIBLE_DEVICES = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 # `--list-devices` prints "  CUDA0: NVIDIA H200 (143771 MiB, 143156 MiB free)" per device;
 # the name's prefix is the ggml backend, which says whose GPUs the build drives.
 _DEVICE_LINE = re.compile(r"^\s+([A-Za-z]+)\d*:\s", re.MULTILINE)
@@ -40,6 +50,7 @@ _LIST_DEVICES_TIMEOUT_S = 60   # the first CUDA initialisation can take tens of 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
     model_formats = frozenset({"gguf"})
+    kinds = frozenset({"llm", "vlm", "embedding", "rerank"})
     gpu_vendors = frozenset({"nvidia", "amd"})
     runs_on_cpu = True
     health_path = "/health"
@@ -66,14 +77,56 @@ class LlamaCppBackend(Backend):
         return shutil.which("llama-server")
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
-        binary = self.server_binary()
-        if binary is None:
-            _xllamacpp_version()   # raises BackendUnavailable when it is missing too
-            prefix = [sys.executable, "-m", RUNNER_MODULE]
-        else:
-            prefix = [binary]
         model_file = resolve_model_file(request.model_path)
-        return LaunchSpec(argv=tuple(prefix + _server_args(request, model_file)), env=self._gpu_env(request))
+        prefix = self._engine(request)
+        if request.rpc_servers and _is_runner(prefix):
+            raise BackendUnavailable("spreading a model over nodes (llama.cpp RPC) needs a "
+                                     f"llama-server binary built with GGML_RPC ({LLAMA_SERVER_ENV});"
+                                     " the xllamacpp wheel has no RPC client")
+        env = visible_devices_env(request, self.gpu_vendors, "llama.cpp")
+        if request.api_key:
+            env["LLAMA_API_KEY"] = request.api_key   # llama-server and the runner read it
+        mounts = tuple(p for p in (str(model_file), request.mmproj_path) if p) if request.image else ()
+        return LaunchSpec(argv=tuple(prefix + _server_args(request, model_file)), env=env,
+                          image=request.image, mounts=mounts)
+
+    def _engine(self, request: LaunchRequest) -> list[str]:
+        """The command before the flags: an image's llama-server, a version's runner, the
+        operator's binary, or the built-in runner."""
+        if request.image:
+            return ["llama-server"]
+        if request.engine_home:
+            return [python_of(request.engine_home), "-I", str(RUNNER_FILE)]
+        binary = self.server_binary()
+        if binary is not None:
+            return [binary]
+        _xllamacpp_version()   # raises BackendUnavailable when it is missing too
+        return [sys.executable, "-m", RUNNER_MODULE]
+
+    def rpc_server_launch(self, host: str, port: int, gpu_vendor: str | None = None,
+                          gpu_indices: tuple[int, ...] = ()) -> LaunchSpec:
+        """An `rpc-server` that lends this node's devices to a llama-server elsewhere.
+
+        It has no authentication of its own: bind it to the cluster's network only.
+        """
+        binary = os.environ.get(RPC_SERVER_ENV) or shutil.which("rpc-server")
+        if binary is None:
+            raise BackendUnavailable(f"llama.cpp RPC needs an rpc-server binary (on PATH or in "
+                                     f"{RPC_SERVER_ENV}), built with GGML_RPC=ON")
+        probe = LaunchRequest(model_path="", served_name="", port=port, host=host,
+                              gpu_vendor=gpu_vendor, gpu_indices=gpu_indices)
+        return LaunchSpec(argv=(binary, "--host", host, "--port", str(port)),
+                          env=visible_devices_env(probe, self.gpu_vendors, "llama.cpp"))
+
+    def install_packages(self, version: str | None, gpu_vendors: frozenset[str]) -> InstallRecipe:
+        return InstallRecipe(packages=(f"xllamacpp=={version}" if version else "xllamacpp",),
+                             distribution="xllamacpp")
+
+    def installable_traits(self, gpu_vendors: frozenset[str]) -> tuple[bool, frozenset[str]]:
+        return True, frozenset()     # PyPI's xllamacpp wheels are CPU builds
+
+    def installed_version(self, engine_home: Path) -> str:
+        return distribution_version(engine_home, ("xllamacpp",))
 
     def usable_gpu_vendors(self) -> frozenset[str]:
         """Ask the engine which devices its build sees (`--list-devices`): the PyPI xllamacpp
@@ -97,27 +150,10 @@ class LlamaCppBackend(Backend):
             summary["engine"] = None
         return summary
 
-    def _gpu_env(self, request: LaunchRequest) -> dict[str, str]:
-        if request.gpu_vendor is None:
-            # A CPU instance must not touch a GPU that the scheduler gave to another
-            # instance: GPU builds of llama.cpp use a visible GPU for large batches
-            # even with -ngl 0. "-1" hides every device for both runtimes (HIP has
-            # treated an empty value as "all devices" in some releases).
-            return {"CUDA_VISIBLE_DEVICES": "-1", "HIP_VISIBLE_DEVICES": "-1"}
-        if request.gpu_vendor not in self.gpu_vendors:
-            raise BackendUnavailable(
-                f"llama.cpp in gpumesh runs on {', '.join(sorted(self.gpu_vendors))} GPUs or the CPU,"
-                f" not on {request.gpu_vendor}"
-            )
-        if not request.gpu_indices:
-            raise ValueError(f"a {request.gpu_vendor} launch needs gpu_indices (which GPUs this instance may use)")
-        devices = ",".join(str(i) for i in request.gpu_indices)
-        env = {_VISIBLE_DEVICES[request.gpu_vendor]: devices}
-        if request.gpu_vendor == "nvidia":
-            # gpumesh numbers GPUs as NVML does (PCI bus order); CUDA's default order is
-            # "fastest first", which would put the instance on other GPUs.
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        return env
+
+
+def _is_runner(prefix: list[str]) -> bool:
+    return RUNNER_MODULE in prefix or str(RUNNER_FILE) in prefix
 
 
 def _server_args(request: LaunchRequest, model_file: Path) -> list[str]:
@@ -128,8 +164,16 @@ def _server_args(request: LaunchRequest, model_file: Path) -> list[str]:
         "--port", str(request.port),
         "--alias", request.served_name,
         "-c", str(_context_length(request, model_file)),
-        "-ngl", _ALL_LAYERS if request.gpu_vendor else "0",
+        "-ngl", _ALL_LAYERS if request.gpu_vendor or request.rpc_servers else "0",
     ]
+    if request.kind == "embedding":
+        args.append("--embeddings")
+    elif request.kind == "rerank":
+        args.append("--reranking")
+    if request.mmproj_path:
+        args += ["--mmproj", request.mmproj_path]
+    if request.rpc_servers:
+        args += ["--rpc", ",".join(request.rpc_servers)]
     return args + list(request.extra_args)   # last, so a deployment's own flags win
 
 

@@ -3,7 +3,9 @@
     python -m gpumesh.backends.llama_cpp_runner -m MODEL.gguf --port 8081 --alias NAME
 
 It takes `llama-server`'s own flags (the subset listed in `_parser`), so the llama.cpp
-backend builds one argv for both this runner and a real `llama-server` binary. The
+backend builds one argv for both this runner and a real `llama-server` binary. It imports
+nothing of gpumesh, so another xllamacpp version's virtual env runs it as a file
+(`python -I path/to/llama_cpp_runner.py ...`). The
 `xllamacpp` wheel carries llama.cpp's server compiled into a Python extension, so a node
 serves GGUF models on the CPU (or on the GPUs of a CUDA/HIP wheel) with nothing else installed.
 
@@ -35,13 +37,15 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpumesh.backends.base import SUPERVISOR_PID_ENV
-
 if TYPE_CHECKING:
     import xllamacpp
 
 __all__ = ["main", "request_parent_death_signal"]
 
+# The same name as gpumesh.backends.base.SUPERVISOR_PID_ENV (a test keeps them equal): this
+# file is run by interpreters that have no gpumesh to import it from.
+SUPERVISOR_PID_ENV = "GPUMESH_SUPERVISOR_PID"
+API_KEY_ENV = "LLAMA_API_KEY"    # llama-server's own name for it
 PARENT_POLL_S = 0.5        # how often getppid() is compared with the parent we started under
 SHUTDOWN_GRACE_S = 5       # after this, SIGALRM's default action ends a stuck shutdown
 _PR_SET_PDEATHSIG = 1      # from <linux/prctl.h>
@@ -121,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1,
                    help="layers to offload to GPUs (-1: as many as fit)")
     p.add_argument("--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings")
+    p.add_argument("--reranking", "--rerank", action="store_true", help="serve /v1/rerank")
     p.add_argument("--pooling", choices=_POOLING, help="embedding pooling (default: the model's own)")
+    p.add_argument("--mmproj", help="multimodal projector file (GGUF) of a vision model")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"bearer key clients must send (default: ${API_KEY_ENV})")
     p.add_argument("-t", "--threads", type=int, default=-1, help="CPU threads (-1: automatic)")
     p.add_argument("-np", "--parallel", type=int, default=-1, help="request slots (-1: automatic)")
     p.add_argument("-lv", "--verbosity", "--log-verbosity", type=int, default=3,
@@ -143,7 +151,13 @@ def _params(args: argparse.Namespace) -> xllamacpp.CommonParams:
     p.port = args.port
     p.n_ctx = args.ctx_size
     p.n_gpu_layers = args.n_gpu_layers
-    p.embedding = args.embeddings
+    p.embedding = args.embeddings or args.reranking
+    if args.reranking:
+        p.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_RANK
+    if args.mmproj:
+        p.mmproj.path = args.mmproj
+    if args.api_key:
+        p.api_keys = [args.api_key]
     if args.pooling:
         # /v1/embeddings needs one vector per input: decoder models declare no pooling
         # of their own and need e.g. `--pooling mean`.

@@ -1,20 +1,23 @@
 """The inference engines gpumesh knows, by the name users type (`--backend llama.cpp`).
 
 Adding an engine is one line in `_BACKENDS`; its position there is also its precedence
-when a deployment names no backend and several serve the model's format.
+when a deployment names no backend and several serve the model's format and kind.
 """
 
 from __future__ import annotations
 
 from gpumesh.backends.base import Backend
 from gpumesh.backends.llama_cpp import LlamaCppBackend
+from gpumesh.backends.versions import BackendVersions
+from gpumesh.backends.vllm import VllmBackend
 
 __all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default_backend_for",
-           "describe_backends", "get_backend"]
+           "describe_backends", "get_backend", "node_backends"]
 
 # In order of preference for default_backend_for.
 _BACKENDS: tuple[type[Backend], ...] = (
     LlamaCppBackend,
+    VllmBackend,
 )
 
 
@@ -27,7 +30,7 @@ class UnknownBackend(KeyError):
 
 
 class UnsupportedModelFormat(ValueError):
-    """No registered backend serves models in this format."""
+    """No registered backend serves models in this format (or of this kind)."""
 
 
 def backend_names() -> list[str]:
@@ -35,10 +38,48 @@ def backend_names() -> list[str]:
     return [cls.name for cls in _BACKENDS]
 
 
-def describe_backends() -> list[dict[str, object]]:
-    """Every registered backend as this node's installation offers it. Blocking: each may
-    ask its engine for its devices; the daemon calls this once at start-up."""
-    return [cls().describe() for cls in _BACKENDS]
+def describe_backends(versions: BackendVersions | None = None) -> list[dict[str, object]]:
+    """Every registered backend as this node offers it: the built-in installation, the
+    versions installed under the backends dir, and whether more can be installed.
+
+    `available` means an instance can be placed here: something is installed, or gpumesh
+    can install it on demand. `runs_on_cpu` / `gpu_vendors` are the union over all of them.
+    Blocking: the built-in llama.cpp is asked for its devices; call off the event loop.
+    """
+    return [_describe(cls(), versions) for cls in _BACKENDS]
+
+
+def _describe(backend: Backend, versions: BackendVersions | None) -> dict[str, object]:
+    summary = backend.describe()
+    builtin_ok = bool(summary["available"])
+    cpu, vendors = bool(summary["runs_on_cpu"]) and builtin_ok, set(summary["gpu_vendors"])  # type: ignore[arg-type]
+    installed = versions.installed(backend.name) if versions else []
+    recipe = backend.install_packages(None, versions.gpu_vendors) if versions else None
+    if installed or recipe is not None:
+        extra_cpu, extra_vendors = backend.installable_traits(versions.gpu_vendors)  # type: ignore[union-attr]
+        cpu, vendors = cpu or extra_cpu, vendors | extra_vendors
+    summary.update(
+        builtin_version=summary["version"],
+        versions=[v.version for v in installed],
+        installable=recipe is not None,
+        install_packages=list(recipe.packages) if recipe else [],
+        runs_on_cpu=cpu, gpu_vendors=sorted(vendors),
+        available=builtin_ok or bool(installed) or recipe is not None)
+    if not builtin_ok and installed:
+        summary["version"] = installed[-1].version     # what an unpinned model gets here
+    if summary["available"]:
+        summary["problem"] = None
+    return summary
+
+
+def node_backends(described: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    """What a node record keeps of `describe_backends()`: per available engine, what the
+    scheduler places by (`runs_on_cpu`, `gpu_vendors`), the default `version`, the installed
+    `versions` and whether more can be `installable` on demand."""
+    return {b["name"]: {"version": b["version"], "runs_on_cpu": b["runs_on_cpu"],  # type: ignore[misc]
+                        "gpu_vendors": b["gpu_vendors"], "builtin_version": b["builtin_version"],
+                        "versions": b["versions"], "installable": b["installable"]}
+            for b in described if b["available"]}
 
 
 def get_backend(name: str) -> Backend:
@@ -49,12 +90,15 @@ def get_backend(name: str) -> Backend:
     raise UnknownBackend(f"unknown backend {name!r}; known backends: {', '.join(backend_names())}")
 
 
-def default_backend_for(model_format: str) -> Backend:
-    """The preferred backend for a model format ("gguf" …); raises UnsupportedModelFormat."""
+def default_backend_for(model_format: str, kind: str = "llm") -> Backend:
+    """The preferred backend for a model format ("gguf" …) and kind ("llm" …); raises
+    UnsupportedModelFormat."""
     for cls in _BACKENDS:
-        if model_format in cls.model_formats:
+        if model_format in cls.model_formats and kind in cls.kinds:
             return cls()
-    served = sorted({fmt for cls in _BACKENDS for fmt in cls.model_formats})
+    served = sorted({f"{fmt} {k}" for cls in _BACKENDS for fmt in cls.model_formats
+                     for k in cls.kinds if fmt == model_format})
     raise UnsupportedModelFormat(
-        f"no backend serves {model_format!r} models yet; formats served: {', '.join(served)}"
-    )
+        f"no backend serves {kind} models in {model_format!r} format yet"
+        + (f"; {model_format} kinds served: {', '.join(k.split()[1] for k in served)}" if served
+           else f"; formats served: {', '.join(sorted({f for c in _BACKENDS for f in c.model_formats}))}"))

@@ -2,8 +2,9 @@
 
 The agent watches the replicated state. For every instance assigned to this node it keeps
 one `InstanceSupervisor`; when an instance disappears from the state (model deleted,
-scaled down, moved) its supervisor is stopped. The agent owns the supervisors, and the
-daemon owns the agent: `stop()` ends every engine this node started.
+scaled down, moved) its supervisor is stopped and its logs removed. The agent owns the
+supervisors and the runtimes they start engines with, and the daemon owns the agent:
+`stop()` ends every engine this node started.
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import aiohttp
 
-from .instance import InstanceSupervisor
+from gpumesh.backends.base import LaunchSpec
+from gpumesh.backends.versions import BackendVersions
+
+from .instance import InstanceSupervisor, Timings
+from .runtimes.base import Runtime
+from .runtimes.container import ContainerRuntime
+from .runtimes.process import ProcessRuntime
 from .state import ClusterStore, CommandRejected, StateView
 
 __all__ = ["NodeAgent"]
@@ -27,22 +35,40 @@ _RESYNC_S = 5.0   # re-check even without a change notification (belt and braces
 
 class NodeAgent:
     def __init__(self, *, node_id: str, store: ClusterStore, session: aiohttp.ClientSession,
-                 model_cache: Path, log_dir: Path) -> None:
+                 model_cache: Path, log_dir: Path, versions: BackendVersions,
+                 on_installed: Callable[[], Awaitable[None]] | None = None,
+                 timings: Timings = Timings()) -> None:
         self._node_id = node_id
         self._store = store
         self._session = session
         self._model_cache = model_cache
         self._log_dir = log_dir
+        self._versions = versions
+        self._on_installed = on_installed
+        self._timings = timings
+        self._process_runtime = ProcessRuntime()
+        self._container_runtime = ContainerRuntime(node_id)
         self._supervisors: dict[str, InstanceSupervisor] = {}
         # Supervisors told to stop whose engines may still be exiting: a second Ctrl-C
         # (kill_now) must still reach them.
         self._stopping: dict[InstanceSupervisor, asyncio.Task[None]] = {}
 
+    def log_file(self, instance_id: str) -> Path:
+        return self._log_dir / f"{instance_id}.log"
+
+    def _runtime_for(self, spec: LaunchSpec) -> Runtime:
+        return self._container_runtime if spec.image else self._process_runtime
+
     async def recover(self) -> None:
         """Before serving: this process has just started, so none of this node's instances
         runs, whatever the journal recorded before a restart or a crash. Saying so first
         keeps the gateway off dead ports and `deploy --wait` from trusting an old "running".
+        Containers are not our children: those a crash left behind are removed here.
         """
+        reaped = await self._container_runtime.reap_orphans()
+        if reaped:
+            log.info("removed %d engine container(s) left by an earlier run", reaped)
+        self._remove_stale_logs()
         for instance in list(self._store.view.instances_on(self._node_id)):
             if instance["state"] == "scheduled":
                 continue
@@ -53,6 +79,13 @@ class NodeAgent:
                                 "reason": "node restarted", "updated": time.time()}})
             except CommandRejected:
                 pass                     # removed meanwhile: nothing to recover
+
+    def _remove_stale_logs(self) -> None:
+        """Logs of instances removed while this node was down."""
+        mine = {i["id"] for i in self._store.view.instances_on(self._node_id)}
+        for path in self._log_dir.glob("*.log*") if self._log_dir.is_dir() else ():
+            if path.name.split(".log")[0] not in mine:
+                path.unlink(missing_ok=True)
 
     async def run(self) -> None:
         """Reconcile on every state change until cancelled."""
@@ -67,18 +100,26 @@ class NodeAgent:
         for instance_id in wanted - self._supervisors.keys():
             supervisor = InstanceSupervisor(
                 instance_id, node_id=self._node_id, store=self._store, session=self._session,
-                model_cache=self._model_cache, log_file=self._log_dir / f"{instance_id}.log")
+                model_cache=self._model_cache, log_file=self.log_file(instance_id),
+                versions=self._versions, runtimes=self._runtime_for, timings=self._timings,
+                on_installed=self._on_installed)
             self._supervisors[instance_id] = supervisor
             supervisor.start()
         for instance_id in self._supervisors.keys() - wanted:
             log.info("instance %s is no longer assigned here; stopping it", instance_id)
-            self._begin_stop(instance_id)
+            self._begin_stop(instance_id, remove_logs=True)
 
-    def _begin_stop(self, instance_id: str) -> None:
+    def _begin_stop(self, instance_id: str, remove_logs: bool = False) -> None:
         supervisor = self._supervisors.pop(instance_id)
-        task = asyncio.create_task(supervisor.stop(), name=f"stop-{instance_id}")
+        task = asyncio.create_task(self._retire(supervisor, remove_logs),
+                                   name=f"stop-{instance_id}")
         self._stopping[supervisor] = task
         task.add_done_callback(lambda _: self._stopping.pop(supervisor, None))
+
+    async def _retire(self, supervisor: InstanceSupervisor, remove_logs: bool) -> None:
+        await supervisor.stop()
+        if remove_logs:                 # gone from the state; on shutdown they stay
+            supervisor.remove_logs()
 
     async def stop(self) -> None:
         """Stop every engine this node runs and wait until they are gone."""

@@ -75,6 +75,14 @@ class Config:
     reserved_memory_mib: int = field(default=1024,
                                      metadata={"flag": "--reserved-memory-mib",
                                                "env": "GPUMESH_RESERVED_MEMORY_MIB"})
+    # While an engine runs it is probed this often; three failed probes in a row restart it.
+    engine_health_interval_s: float = field(default=5.0,
+                                            metadata={"flag": "--engine-health-interval",
+                                                      "env": "GPUMESH_ENGINE_HEALTH_INTERVAL"})
+    # An engine that ran healthy this long restarts after 1 s again, not after its backoff.
+    engine_healthy_uptime_s: float = field(default=60.0,
+                                           metadata={"flag": "--engine-healthy-uptime",
+                                                     "env": "GPUMESH_ENGINE_HEALTHY_UPTIME"})
     log_level: str = field(default="info",
                            metadata={"flag": "--log-level", "env": "GPUMESH_LOG_LEVEL"})
 
@@ -127,6 +135,10 @@ class Config:
                 raise ConfigError("--join needs --token (run `gpumesh join-token` on a member)")
             self.join = _join_address(str(self.join))
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
+        self.engine_health_interval_s = _seconds(self.engine_health_interval_s,
+                                                 "engine_health_interval_s")
+        self.engine_healthy_uptime_s = _seconds(self.engine_healthy_uptime_s,
+                                                "engine_healthy_uptime_s")
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level must be debug, info, warning or error (default info), "
@@ -226,6 +238,17 @@ def _gpu_list(value: object) -> tuple[int, ...] | None:
     if not indices:
         raise ConfigError(f"--gpus must list at least one device index, got {value!r}")
     return tuple(indices)
+
+
+def _seconds(value: object, name: str) -> float:
+    flag = "--" + name.removesuffix("_s").replace("_", "-")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be a number of seconds, got {value!r}") from None
+    if not 0 < number <= 86400:
+        raise ConfigError(f"{flag} must be more than 0 and at most 86400 seconds, got {number:g}")
+    return number
 
 
 def _port(value: object, name: str) -> int:

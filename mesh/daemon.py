@@ -29,7 +29,8 @@ from typing import Any, AsyncIterator, Callable, Coroutine
 import aiohttp
 from aiohttp import web
 
-from gpumesh.backends.registry import describe_backends
+from gpumesh.backends.registry import describe_backends, node_backends
+from gpumesh.backends.versions import BackendVersions, backends_dir
 
 from .agent import NodeAgent
 from .api import ManagementApi
@@ -46,6 +47,7 @@ from .joining import JoinError
 from .liveness import LivenessMonitor
 from .membership import (ClusterIdentity, JoinPlan, NodePresence, bootstrap_admin_key,
                          confirm_join, establish)
+from .instance import Timings
 from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler
@@ -87,6 +89,7 @@ class Daemon:
         self.discovery: Discovery | None = None
         self.probe: Probe | None = None
         self.backends: list[dict[str, object]] = []   # this node's engines, described once
+        self.versions = BackendVersions(backends_dir(data.root))
         self.session: aiohttp.ClientSession | None = None
         self.agent: NodeAgent | None = None
         self.telemetry = TelemetrySampler()
@@ -198,17 +201,17 @@ class Daemon:
     # --- the parts, in start-up order ------------------------------------------------------
 
     async def _probe_part(self, app: web.Application) -> AsyncIterator[None]:
-        """What this machine has: GPUs (or none), and what each engine installed here can use."""
-        probe, backends = await asyncio.gather(
-            asyncio.to_thread(open_probe, self.config.gpu_probe, self.config.gpus),
-            asyncio.to_thread(describe_backends), return_exceptions=True)
-        if isinstance(backends, BaseException):
-            if not isinstance(probe, BaseException):
-                await asyncio.to_thread(probe.close)     # opened, and nobody else will close it
-            raise backends
-        if isinstance(probe, BaseException):
-            raise probe
-        self.probe, self.backends = probe, backends
+        """What this machine has: GPUs (or none), and what each engine installed here can use
+        (the GPUs decide which build of an engine gpumesh installs, so they come first)."""
+        probe = await asyncio.to_thread(open_probe, self.config.gpu_probe, self.config.gpus)
+        try:
+            inventory = await asyncio.to_thread(probe.inventory)
+            self.versions.gpu_vendors = frozenset(g.vendor for g in inventory.gpus)
+            self.backends = await asyncio.to_thread(describe_backends, self.versions)
+        except BaseException:
+            await asyncio.to_thread(probe.close)     # opened, and nobody else will close it
+            raise
+        self.probe = probe
         try:
             yield
         finally:
@@ -257,7 +260,11 @@ class Daemon:
         assert self.session is not None
         self.agent = NodeAgent(node_id=self.node_id, store=self.store, session=self.session,
                                model_cache=self.data.root / "models",
-                               log_dir=self.data.root / "logs")
+                               log_dir=self.data.root / "logs", versions=self.versions,
+                               on_installed=self._refresh_backends,
+                               timings=Timings(
+                                   health_interval_s=self.config.engine_health_interval_s,
+                                   healthy_uptime_s=self.config.engine_healthy_uptime_s))
         await self.agent.recover()                  # before the site binds: no stale "running"
         async with _owned_task(self.agent.run(), "node-agent"):
             yield
@@ -292,6 +299,18 @@ class Daemon:
                 raft_port=self.config.raft_port)
         except Exception as exc:  # noqa: BLE001 - discovery is a convenience, never fatal
             log.warning("mDNS advertisement failed: %s", exc)
+
+    async def _refresh_backends(self) -> None:
+        """An engine version was installed: the node record (and `gpumesh backends`) say so."""
+        # In place: the node presence and the API hold this list.
+        self.backends[:] = await asyncio.to_thread(describe_backends, self.versions)
+        assert self.store is not None
+        try:
+            await self.store.submit({"op": "upsert_node", "node": {
+                "id": self.node_id, "backends": node_backends(self.backends),
+                "updated": time.time()}})
+        except (StateUnavailable, CommandRejected) as exc:
+            log.warning("could not record the installed engine versions: %s", exc)
 
     def _announce(self) -> None:
         assert self.store is not None and self.identity is not None

@@ -2,8 +2,10 @@
 
 Everything that can be known before scheduling is checked here, so a bad deploy is refused
 with a reason and nothing is stored: the name, the source (path exists / repo id), the
-backend (known, serves this format), the replica count, the context length (not beyond what
-the model was trained for) and the memory estimate. Each refusal says which rule failed.
+kind (detected from the files, or `kind` given), the backend and its version (`vllm==0.25.1`:
+known, serves this format and kind), an image (runs the engine in a container), the replica
+count, the context length (not beyond what the model was trained for) and the memory
+estimate. Each refusal says which rule failed.
 
 Names are ASCII on purpose: a model's name is what clients send as `model`, and it travels
 through URLs (/api/models/NAME), shells, engine flags, log lines and metrics labels. Letters
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_backend
+from gpumesh.backends.versions import parse_backend_spec
 
 from gpumesh import modelfiles
 from .sources import SourceError, parse_source, remote_size_bytes
@@ -34,6 +37,8 @@ MAX_REPLICAS = 64
 MAX_NAME_LENGTH = 128
 _NAME_CHARS = "letters, digits and . _ : / -"
 _NAME_CHAR = re.compile(r"[A-Za-z0-9._:/-]")
+# registry/name:tag or name@sha256:digest, as docker accepts them
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
 # Remote sources cannot be read before download: weights plus this share for the KV cache
 # and compute buffers. Replaced by the exact estimate once issue-5's prefetch reads headers.
 _REMOTE_OVERHEAD = 0.25
@@ -63,12 +68,17 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     if context_length is not None and source["kind"] == "local":
         _check_context(source["path"], context_length)
     model_format, estimate = _measure(source, context_length)
-    backend = _backend(spec.get("backend"), model_format)
+    kind = _kind(spec.get("kind"), source)
+    backend, version = _backend(spec.get("backend"), model_format, kind)
+    image = _image(spec.get("image"), backend)
     return {
         "name": name,
         "source": source,
         "format": model_format,
+        "kind": kind,
         "backend": backend.name,
+        "backend_version": version,
+        "image": image,
         "replicas": replicas,
         "context_length": context_length,
         "args": args,
@@ -97,19 +107,42 @@ def _measure(source: dict[str, Any], context_length: int | None) -> tuple[str, d
                           "format": model_format, "architecture": None}
 
 
-def _backend(requested: Any, model_format: str):
+def _kind(requested: Any, source: dict[str, Any]) -> str:
+    if requested is not None:
+        if requested not in modelfiles.KINDS:
+            raise DeploymentError(f"kind must be one of {', '.join(modelfiles.KINDS)}, "
+                                  f"got {requested!r}", "kind")
+        return str(requested)
+    if source["kind"] != "local":
+        return "llm"        # not downloaded yet: `kind` says otherwise where it matters
+    try:
+        return modelfiles.detect_kind(source["path"])
+    except modelfiles.ModelFileError as exc:
+        raise DeploymentError(str(exc), "source") from None
+
+
+def _backend(requested: Any, model_format: str, kind: str):
+    """The backend and the version the deployment pins (None: the node's default)."""
     if requested:
         try:
-            backend = get_backend(str(requested))
+            name, version = parse_backend_spec(str(requested))
+            backend = get_backend(name)
+        except ValueError as exc:
+            raise DeploymentError(str(exc), "backend") from None
         except UnknownBackend as exc:
             raise DeploymentError(exc.args[0], "backend") from None
-        if model_format not in backend.model_formats:
+        if model_format not in backend.model_formats and backend.model_formats:
             raise DeploymentError(
                 f"backend {backend.name} cannot serve {model_format} models "
                 f"(it serves {', '.join(sorted(backend.model_formats))})", "backend")
-        return backend
+        if kind not in backend.kinds:
+            raise DeploymentError(
+                f"backend {backend.name} does not serve {kind} models (it serves "
+                f"{', '.join(k for k in modelfiles.KINDS if k in backend.kinds)}); "
+                "if the kind was detected wrongly, say it with --kind", "backend")
+        return backend, version
     try:
-        return default_backend_for(model_format)
+        return default_backend_for(model_format, kind), None
     except (KeyError, ValueError) as exc:
         raise DeploymentError(str(exc.args[0] if exc.args else exc), "backend") from None
 
@@ -137,6 +170,18 @@ def validate_name(value: Any) -> str:
         raise DeploymentError(f"name {value!r} starts with {value[0]!r}: it must start with a "
                               f"letter or digit", "name")
     return value
+
+
+def _image(requested: Any, backend) -> str | None:
+    if requested is None or requested == "":
+        if backend.container_only:
+            raise DeploymentError(f"backend {backend.name} runs only in a container: "
+                                  "give its image (--image)", "image")
+        return None
+    if not isinstance(requested, str) or not _IMAGE.match(requested):
+        raise DeploymentError(f"image {requested!r} is not a container image reference "
+                              "(e.g. registry/name:tag)", "image")
+    return requested
 
 
 def default_name(source: dict[str, Any]) -> str:

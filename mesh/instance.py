@@ -1,130 +1,170 @@
 """InstanceSupervisor: runs one model instance on this node until told to stop.
 
-One supervisor owns one engine process at a time, and one asyncio task that drives it:
+One supervisor owns one engine at a time, and one asyncio task that drives it:
 
-    fetch model files → pick a port → launch (backend's LaunchSpec) → probe health
-        → running → (process exits) → error, back off, start again
+    fetch model files → engine version (installed on demand) → pick a port → launch
+        → probe health → running (health probed all along) → it exits or stops
+        answering → error, back off, start again
+
+What runs comes from the backend (`LaunchSpec`), how it runs from a runtime: a guarded
+process group (`runtimes/process.py`) or a container when the model names an image
+(`runtimes/container.py`). Both die with the daemon: the guard on its parent's death, the
+containers when the daemon stops or, after a crash, when it starts again.
 
 Each transition is written to the replicated state (`update_instance`, conditional on the
-instance still belonging to this node). The engine runs in its own process group, so
-stopping kills everything it spawned; the llama.cpp runner also dies with its parent (see
-`backends/llama_cpp_runner.py`), so a kill -9 of the daemon leaves nothing behind.
+instance still belonging to this node). A run that stayed healthy for `healthy_uptime_s`
+resets the restart backoff, so an engine that crashes once a day restarts in a second, not
+in a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
+import re
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from gpumesh.backends.base import SUPERVISOR_PID_ENV, BackendUnavailable, LaunchRequest
+from gpumesh.backends.base import Backend, BackendUnavailable, LaunchRequest, LaunchSpec
 from gpumesh.backends.registry import get_backend
+from gpumesh.backends.versions import BackendVersions, InstallError
+from gpumesh.modelfiles import ModelFileError, find_mmproj, resolve_model_file
 
-from gpumesh.modelfiles import ModelFileError, resolve_model_file
+from .runtimes.base import EngineHandle, EngineStartError, Runtime, StartRequest
+from .runtimes.logfile import log_files
 from .sources import SourceError, fetch_source
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
-__all__ = ["InstanceSupervisor"]
+__all__ = ["InstanceSupervisor", "Timings", "engine_error_line"]
 
 log = logging.getLogger("gpumesh.agent")
 
-STARTUP_TIMEOUT_S = 600.0     # large models take minutes to load; tiny ones well under 1 s
-STOP_GRACE_S = 10.0           # SIGTERM, then SIGKILL after this long
-_HEALTH_INTERVAL_S = 0.1
-_MAX_BACKOFF_S = 60.0
+_HEALTH_POLL_S = 0.1          # while starting
+_PROGRESS_EVERY_S = 1.0       # install progress written to the state at most this often
+
+
+@dataclass(frozen=True)
+class Timings:
+    startup_timeout_s: float = 600.0   # large models take minutes to load; tiny ones < 1 s
+    stop_grace_s: float = 10.0         # SIGTERM, then SIGKILL after this long
+    health_interval_s: float = 5.0     # while running: one probe per interval …
+    health_failures: int = 3           # … and this many failed probes in a row restart it
+    healthy_uptime_s: float = 60.0     # a run this long resets the restart backoff
+    max_backoff_s: float = 60.0
 
 
 class InstanceFailed(Exception):
     """This attempt failed; the message is the reason users see."""
 
 
+@dataclass
+class _Engine:
+    """What one attempt needs to know about the engine it chose."""
+    backend: Backend
+    version: str | None
+    home: str | None
+
+
 class InstanceSupervisor:
     def __init__(self, instance_id: str, *, node_id: str, store: ClusterStore,
-                 session: aiohttp.ClientSession, model_cache: Path, log_file: Path) -> None:
+                 session: aiohttp.ClientSession, model_cache: Path, log_file: Path,
+                 versions: BackendVersions, runtimes: Callable[[LaunchSpec], Runtime],
+                 timings: Timings = Timings(),
+                 on_installed: Callable[[], Awaitable[None]] | None = None) -> None:
         self.instance_id = instance_id
         self._node_id = node_id
         self._store = store
         self._session = session
         self._model_cache = model_cache
         self._log_file = log_file
-        self._process: asyncio.subprocess.Process | None = None
+        self._versions = versions
+        self._runtime_for = runtimes
+        self._timings = timings
+        self._on_installed = on_installed
+        self._engine: EngineHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._attempt_started_at = 0      # log offset where this attempt's output begins
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name=f"instance-{self.instance_id}")
 
-    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Stop the engine (TERM, then KILL after `grace`) and end the supervising task."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._terminate(grace)
+        await self._terminate(self._timings.stop_grace_s if grace is None else grace)
 
     def kill_now(self) -> None:
         """Second Ctrl-C: no grace, no waiting."""
-        if self._process is not None and self._process.returncode is None:
-            _signal_group(self._process.pid, signal.SIGKILL)
+        if self._engine is not None:
+            self._engine.kill_now()
+
+    def remove_logs(self) -> None:
+        """The instance is gone from the state: its logs go with it."""
+        for path in log_files(self._log_file):
+            path.unlink(missing_ok=True)
 
     # --- the supervising loop ---------------------------------------------------------------
 
     async def _supervise(self) -> None:
         failures = 0
         while True:
+            started = time.monotonic()
+            healthy_since: list[float] = []
             try:
-                await self._run_once()
+                await self._run_once(healthy_since)
                 return                          # the instance left the state: nothing to do
             except Exception as exc:
                 if not isinstance(exc, InstanceFailed):   # a bug: keep the traceback
                     log.exception("instance %s: unexpected error", self.instance_id)
+                if healthy_since and time.monotonic() - healthy_since[0] >= self._timings.healthy_uptime_s:
+                    failures = 0                # a long healthy run: start over at 1 s
                 failures += 1
-                delay = min(_MAX_BACKOFF_S, 2.0 ** (failures - 1))
-                log.warning("instance %s failed (attempt %d), retrying in %.0f s: %s",
-                            self.instance_id, failures, delay, exc)
-                await self._terminate(STOP_GRACE_S)
+                delay = min(self._timings.max_backoff_s, 2.0 ** (failures - 1))
+                log.warning("instance %s failed (attempt %d, after %.0f s), retrying in %.0f s: %s",
+                            self.instance_id, failures, time.monotonic() - started, delay, exc)
+                await self._terminate(self._timings.stop_grace_s)
                 await self._report("error", reason=str(exc), restarts=failures)
                 await asyncio.sleep(delay)
 
-    async def _run_once(self) -> None:
+    async def _run_once(self, healthy_since: list[float]) -> None:
         instance, model = self._records()
         if instance is None:
             return
-        backend = _backend(model["backend"])
-        if model["source"]["kind"] != "local":
-            await self._report("downloading")
-        try:
-            path = await asyncio.to_thread(fetch_source, model["source"], self._model_cache)
-            if model["format"] == "gguf":
-                path = await asyncio.to_thread(resolve_model_file, path)
-        except (SourceError, ModelFileError) as exc:
-            raise InstanceFailed(str(exc)) from None
-        port = _free_port()
-        allocation = instance.get("allocation", {})
-        request = LaunchRequest(
-            model_path=str(path), served_name=model["name"], port=port,
-            gpu_vendor=allocation.get("gpu_vendor"),
-            gpu_indices=tuple(allocation.get("gpu_indices", ())),
-            context_length=model.get("context_length"), extra_args=tuple(model.get("args", ())))
+        path = await self._fetch(model)
+        engine = await self._choose_engine(model)
+        request = self._launch_request(instance, model, path, engine)
         try:
             # Off the loop: a backend may read the model's headers (llama.cpp reads the
             # GGUF context length; ~50 ms for a 150k-token vocabulary).
-            spec = await asyncio.to_thread(backend.launch, request)
+            spec = await asyncio.to_thread(engine.backend.launch, request)
         except (BackendUnavailable, ModelFileError, ValueError) as exc:
             raise InstanceFailed(str(exc)) from None
-        await self._launch(spec.argv, spec.env)
-        assert self._process is not None
-        await self._report("starting", port=port, pid=self._process.pid, reason=None)
-        await self._wait_healthy(port, backend.health_path)
+        runtime = self._runtime_for(spec)
+        self._attempt_started_at = self._log_size()
+        try:
+            self._engine = await runtime.start(StartRequest(
+                spec=spec, instance_id=self.instance_id, log_file=self._log_file,
+                gpu_vendor=request.gpu_vendor, gpu_indices=request.gpu_indices))
+        except EngineStartError as exc:
+            raise InstanceFailed(str(exc)) from None
+        await self._report("starting", port=request.port, pid=self._engine.pid, reason=None,
+                           progress=None, engine={
+                               "backend": engine.backend.name, "version": engine.version,
+                               "runtime": runtime.name, "image": spec.image,
+                               "container": self._engine.container_id})
+        headers = _auth_headers(request.api_key)
+        await self._wait_healthy(request.port, engine.backend.health_path, headers)
         await self._report("running", reason=None)
-        code = await self._process.wait()
-        raise InstanceFailed(f"the engine exited with status {code}: {self._log_tail()}")
+        healthy_since.append(time.monotonic())
+        await self._watch(request.port, engine.backend.health_path, headers)
 
     def _records(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         view = self._store.view
@@ -133,56 +173,148 @@ class InstanceSupervisor:
             return None, {}
         return instance, view.models[instance["model"]]
 
-    async def _launch(self, argv: tuple[str, ...], env: dict[str, str]) -> None:
-        self._log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_file, "ab") as log_handle:
-            log_handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                             f"starting: {' '.join(argv)}\n".encode())
-            log_handle.flush()
-            try:
-                self._process = await asyncio.create_subprocess_exec(
-                    *argv, env={**os.environ, **env, SUPERVISOR_PID_ENV: str(os.getpid())},
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_handle, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True)   # its own process group: stop kills all of it
-            except OSError as exc:
-                raise InstanceFailed(f"could not start {argv[0]}: {exc}") from None
+    async def _fetch(self, model: dict[str, Any]) -> Path:
+        if model["source"]["kind"] != "local":
+            await self._report("downloading")
+        try:
+            path = await asyncio.to_thread(fetch_source, model["source"], self._model_cache)
+            if model["format"] == "gguf":
+                path = await asyncio.to_thread(resolve_model_file, path)
+        except (SourceError, ModelFileError) as exc:
+            raise InstanceFailed(str(exc)) from None
+        return path
 
-    async def _wait_healthy(self, port: int, health_path: str) -> None:
-        assert self._process is not None
-        url = f"http://127.0.0.1:{port}{health_path}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    async def _choose_engine(self, model: dict[str, Any]) -> _Engine:
+        """The engine version the model asks for: built in, installed, or installed now."""
+        try:
+            backend = get_backend(model["backend"])
+        except KeyError as exc:
+            raise InstanceFailed(f"backend {model['backend']} is not known on this node: {exc}") from None
+        wanted = model.get("backend_version")
+        if model.get("image"):
+            return _Engine(backend, wanted, None)   # the image is the version
+        builtin = await asyncio.to_thread(_builtin_version, backend)
+        if builtin is not None and wanted in (None, builtin):
+            return _Engine(backend, builtin, None)
+        found = await asyncio.to_thread(self._versions.find, backend.name, wanted)
+        if found is None:
+            found = await self._install(backend, wanted)
+        return _Engine(backend, found.version, str(found.home))
+
+    async def _install(self, backend: Backend, version: str | None):  # -> InstalledVersion
+        label = f"{backend.name}{'==' + version if version else ''}"
+        await self._report("installing", reason=None,
+                           progress={"step": f"installing {label}", "elapsed_s": 0})
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        last_sent = [0.0]
+
+        def on_line(line: str) -> None:      # on the installer's thread
+            now = time.monotonic()
+            if now - last_sent[0] >= _PROGRESS_EVERY_S:
+                last_sent[0] = now
+                progress = {"step": line[:200], "elapsed_s": round(now - started, 1)}
+                asyncio.run_coroutine_threadsafe(
+                    self._report("installing", progress=progress), loop)
+
+        log.info("instance %s: installing %s under %s", self.instance_id, label, self._versions.root)
+        try:
+            found = await asyncio.to_thread(self._versions.install, backend, version, on_line)
+        except InstallError as exc:
+            raise InstanceFailed(f"could not install {label}: {exc}") from None
+        log.info("instance %s: installed %s %s in %.0f s", self.instance_id, backend.name,
+                 found.version, time.monotonic() - started)
+        if self._on_installed is not None:
+            await self._on_installed()
+        return found
+
+    def _launch_request(self, instance: dict[str, Any], model: dict[str, Any], path: Path,
+                        engine: _Engine) -> LaunchRequest:
+        allocation = instance.get("allocation", {})
+        estimate = model.get("estimate") or {}
+        kind = model.get("kind") or "llm"
+        mmproj = find_mmproj(path) if kind == "vlm" and model["format"] == "gguf" else None
+        return LaunchRequest(
+            model_path=str(path), served_name=model["name"], port=_free_port(),
+            gpu_vendor=allocation.get("gpu_vendor"),
+            gpu_indices=tuple(allocation.get("gpu_indices", ())),
+            context_length=model.get("context_length"), extra_args=tuple(model.get("args", ())),
+            kind=kind, memory_bytes=allocation.get("memory_bytes"),
+            device_memory_bytes=self._device_memory(allocation),
+            weights_bytes=estimate.get("weights_bytes"), engine_home=engine.home,
+            image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None)
+
+    def _device_memory(self, allocation: dict[str, Any]) -> int | None:
+        """The smallest total memory among this instance's GPUs (from the node's inventory)."""
+        indices = set(allocation.get("gpu_indices") or ())
+        node = self._store.view.nodes.get(self._node_id) or {}
+        sizes = [g["memory_total_bytes"] for g in node.get("inventory", {}).get("gpus", [])
+                 if g.get("index") in indices]
+        return min(sizes) if sizes else None
+
+    # --- health ---------------------------------------------------------------------------
+
+    async def _wait_healthy(self, port: int, health_path: str, headers: dict[str, str]) -> None:
+        assert self._engine is not None
+        deadline = time.monotonic() + self._timings.startup_timeout_s
         while time.monotonic() < deadline:
-            if self._process.returncode is not None:
-                raise InstanceFailed(f"the engine exited with status {self._process.returncode} "
-                                     f"while starting: {self._log_tail()}")
-            try:
-                async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass                             # not listening yet
-            await asyncio.sleep(_HEALTH_INTERVAL_S)
-        raise InstanceFailed(f"the engine was not healthy within {STARTUP_TIMEOUT_S:.0f} s")
+            if self._engine.returncode is not None:
+                raise InstanceFailed(f"the engine exited with status {self._engine.returncode} "
+                                     f"while starting: {self._engine_error()}")
+            if await self._probe(port, health_path, headers, timeout=2):
+                return
+            await asyncio.sleep(_HEALTH_POLL_S)
+        raise InstanceFailed(f"the engine was not healthy within "
+                             f"{self._timings.startup_timeout_s:.0f} s")
+
+    async def _watch(self, port: int, health_path: str, headers: dict[str, str]) -> None:
+        """Until the engine exits or stops answering its health check (a stopped or wedged
+        engine would otherwise hold every request routed to it)."""
+        assert self._engine is not None
+        exited = asyncio.ensure_future(self._engine.wait())
+        failed = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=self._timings.health_interval_s)
+                if done:
+                    raise InstanceFailed(f"the engine exited with status {exited.result()}: "
+                                         f"{self._engine_error()}")
+                if await self._probe(port, health_path, headers,
+                                     timeout=self._timings.health_interval_s):
+                    failed = 0
+                    continue
+                failed += 1
+                if failed >= self._timings.health_failures:
+                    # It does not answer, so it would not answer SIGTERM either.
+                    self._engine.kill_now()
+                    raise InstanceFailed(
+                        f"the engine stopped answering its health check ({failed} probes in a "
+                        f"row, {self._timings.health_interval_s:g} s apart); restarting it")
+        finally:
+            exited.cancel()
+
+    async def _probe(self, port: int, path: str, headers: dict[str, str], timeout: float) -> bool:
+        url = f"http://127.0.0.1:{port}{path}"
+        try:
+            async with self._session.get(url, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    # --- stopping, reporting, logs -----------------------------------------------------------
 
     async def _terminate(self, grace: float) -> None:
-        # `_process` stays set until the engine is gone, so kill_now() (a second Ctrl-C)
+        # `_engine` stays set until the engine is gone, so kill_now() (a second Ctrl-C)
         # still reaches an engine that is taking its grace period.
-        process = self._process
-        if process is None or process.returncode is not None:
-            self._process = None
+        engine = self._engine
+        if engine is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), grace)
-        except asyncio.TimeoutError:
-            log.warning("instance %s ignored SIGTERM for %.0f s; killing it",
-                        self.instance_id, grace)
-            _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+            await engine.stop(grace)
         finally:
-            if self._process is process:
-                self._process = None
+            if self._engine is engine:
+                self._engine = None
 
     async def _report(self, state: str, **changes: Any) -> None:
         command = {"op": "update_instance", "id": self.instance_id, "node_id": self._node_id,
@@ -194,21 +326,55 @@ class InstanceSupervisor:
         except StateUnavailable as exc:
             log.warning("could not record instance %s as %s: %s", self.instance_id, state, exc)
 
-    def _log_tail(self, lines: int = 5) -> str:
+    def _log_size(self) -> int:
+        try:
+            return self._log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def _engine_error(self) -> str:
+        """The engine's own words for why this attempt ended (see engine_error_line)."""
         try:
             with open(self._log_file, "rb") as handle:
-                handle.seek(max(0, os.path.getsize(self._log_file) - 4096))
-                tail = handle.read().decode(errors="replace").strip().splitlines()
+                size = handle.seek(0, 2)
+                start = self._attempt_started_at if self._attempt_started_at <= size else 0
+                handle.seek(max(start, size - 64 * 1024))
+                text = handle.read().decode(errors="replace")
         except OSError:
             return "(no log)"
-        return " | ".join(tail[-lines:]) or "(empty log)"
+        return engine_error_line(text.splitlines())
 
 
-def _backend(name: str):
+# Lines that say what went wrong, in engines' own words, strongest first.
+_ERROR_PATTERNS = (
+    re.compile(r"\berror: .+", re.IGNORECASE),                # argparse, llama.cpp
+    re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception): .+"),
+    re.compile(r"\b(?:ERROR|CRITICAL|FATAL)\b.+"),
+    re.compile(r"\b(?:error|failed|cannot|could not)\b.+", re.IGNORECASE),
+)
+_NOISE = re.compile(r"^(?:usage:|\s+[-\[]|--- .*gpumesh guard: engine exited)")
+
+
+def engine_error_line(lines: list[str]) -> str:
+    """The most telling line of an engine's output: its own error line, not the usage text
+    around it (argparse prints a usage block before `prog: error: ...`), else its last line."""
+    useful = [ln.strip() for ln in lines if ln.strip() and not _NOISE.match(ln)]
+    for pattern in _ERROR_PATTERNS:
+        for line in reversed(useful):
+            if pattern.search(line):
+                return line[:500]
+    return useful[-1][:500] if useful else "(no output)"
+
+
+def _builtin_version(backend: Backend) -> str | None:
     try:
-        return get_backend(name)
-    except KeyError as exc:
-        raise InstanceFailed(f"backend {name} is not known on this node: {exc}") from None
+        return backend.version()
+    except BackendUnavailable:
+        return None
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def _free_port() -> int:
@@ -216,10 +382,3 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)       # start_new_session made pid the group id
-    except ProcessLookupError:
-        pass                      # already gone: nothing left to signal

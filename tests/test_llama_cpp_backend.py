@@ -217,21 +217,24 @@ def test_unavailable_when_no_engine_is_installed(tiny_gguf: Path, no_binary: Non
 
 
 def test_registry_finds_llama_cpp() -> None:
-    assert backend_names() == ["llama.cpp"]
+    assert backend_names()[0] == "llama.cpp"      # first: the default for GGUF
     assert isinstance(get_backend("llama.cpp"), LlamaCppBackend)
     assert isinstance(get_backend(" LLaMA.CPP "), LlamaCppBackend)
-    assert isinstance(default_backend_for("gguf"), LlamaCppBackend)
+    for kind in ("llm", "vlm", "embedding", "rerank"):
+        assert isinstance(default_backend_for("gguf", kind), LlamaCppBackend)
 
 
 def test_registry_errors_name_what_is_known() -> None:
     with pytest.raises(UnknownBackend) as unknown:
-        get_backend("vllm")
+        get_backend("no-such-engine")
     assert isinstance(unknown.value, KeyError)
-    assert str(unknown.value) == "unknown backend 'vllm'; known backends: llama.cpp"
+    assert str(unknown.value) == ("unknown backend 'no-such-engine'; known backends: "
+                                  + ", ".join(backend_names()))
 
     with pytest.raises(UnsupportedModelFormat) as unsupported:
-        default_backend_for("safetensors")
-    assert str(unsupported.value) == "no backend serves 'safetensors' models yet; formats served: gguf"
+        default_backend_for("gguf", "image")
+    assert "no backend serves image models in 'gguf' format" in str(unsupported.value)
+    assert "gguf kinds served: " in str(unsupported.value)
 
 
 # --- the runner, for real -----------------------------------------------------------

@@ -9,12 +9,13 @@ tests assert on the structure of answers (ids, roles, counts, order), not on wor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-__all__ = ["CHAT_TEMPLATE", "write_tiny_gguf"]
+__all__ = ["CHAT_TEMPLATE", "write_tiny_gguf", "write_tiny_hf_llama"]
 
 # A minimal Jinja chat template (rendered by llama.cpp's own engine), so that
 # /v1/chat/completions works without any template guessing by the server.
@@ -121,3 +122,85 @@ def _add_tensors(
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
+
+
+# --- Hugging Face format (config.json + safetensors + tokenizer.json), for vLLM ----------
+
+# vLLM's CPU attention kernel accepts head sizes of 32, 64, 80, 96, 112, 128, 256 (16 is
+# refused): hidden 256 over 4 heads gives 64.
+def write_tiny_hf_llama(
+    directory: Path,
+    *,
+    n_layer: int = 2,
+    hidden: int = 256,
+    n_head: int = 4,
+    intermediate: int = 512,
+    context_length: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight Llama in Hugging Face's format (float32) into `directory`.
+
+    numpy, safetensors and tokenizers only (no torch): a few MB, well under a second.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n_vocab = _write_hf_tokenizer(directory)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": n_layer, "num_attention_heads": n_head,
+        "num_key_value_heads": n_head, "head_dim": hidden // n_head,
+        "max_position_embeddings": context_length, "vocab_size": n_vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * _WEIGHT_STD).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": rand(n_vocab, hidden),
+               "model.norm.weight": np.ones(hidden, dtype=np.float32),
+               "lm_head.weight": rand(n_vocab, hidden)}
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": np.ones(hidden, dtype=np.float32),
+            p + "post_attention_layernorm.weight": np.ones(hidden, dtype=np.float32),
+            p + "self_attn.q_proj.weight": rand(hidden, hidden),
+            p + "self_attn.k_proj.weight": rand(hidden, hidden),
+            p + "self_attn.v_proj.weight": rand(hidden, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, hidden),
+            p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+            p + "mlp.up_proj.weight": rand(intermediate, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, intermediate),
+        }
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def _write_hf_tokenizer(directory: Path) -> int:
+    """A byte-fallback BPE tokenizer (SentencePiece style, "▁" for spaces); returns its size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(_WORD_PIECES)
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[],
+                                     unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                 normalizers.Replace(" ", "▁")])
+    # Without Replace and Strip, "hello world" decodes as "helloworld" (or " hello world").
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}))
+    return len(tokens)

@@ -18,7 +18,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in
              ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
-              "gpus", "reserved_memory_mib", "log_level", "advertise", "join", "token",
+              "gpus", "reserved_memory_mib", "engine_health_interval_s",
+              "engine_healthy_uptime_s", "log_level", "advertise", "join", "token",
               "discovery", "mdns_interface")}
     try:
         config = Config.from_sources(flags)
@@ -45,6 +46,12 @@ def register(sub: Any) -> None:
                     "env GPUMESH_GPUS)")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
+    up.add_argument("--engine-health-interval", dest="engine_health_interval_s", type=float,
+                    help="seconds between health probes of a running engine; 3 failures in a "
+                    "row restart it (default 5)")
+    up.add_argument("--engine-healthy-uptime", dest="engine_healthy_uptime_s", type=float,
+                    help="an engine healthy this many seconds restarts without backoff when "
+                    "it next fails (default 60)")
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     help="how much the daemon logs on stderr (default info; env "
                          "GPUMESH_LOG_LEVEL)")

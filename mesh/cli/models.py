@@ -35,7 +35,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     spec: dict[str, Any] = {"source": absolute_if_local(args.source),
                             "replicas": 1 if args.replicas is None else args.replicas,
                             "args": args.arg or []}
-    for field in ("name", "backend", "context_length"):
+    for field in ("name", "backend", "context_length", "kind", "image"):
         if getattr(args, field) is not None:
             spec[field] = getattr(args, field)
     model = client.post("/api/models", spec)
@@ -90,9 +90,10 @@ def describe_ready(model: dict[str, Any]) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     models = client_for(args).get("/api/models")["data"]
     print_result(args, models, lambda ms: table(
-        ["NAME", "STATUS", "READY", "BACKEND", "MEMORY", "SOURCE"],
+        ["NAME", "STATUS", "READY", "KIND", "BACKEND", "MEMORY", "SOURCE"],
         [[m["name"], status_cell(m["status"]), f"{m['ready_replicas']}/{m['replicas']}",
-          m["backend"], gib(m["estimate"]["total_bytes"]), source_label(m["source"])]
+          m.get("kind") or "llm", _backend_label(m), gib(m["estimate"]["total_bytes"]),
+          source_label(m["source"])]
          for m in ms]))
     return Exit.OK
 
@@ -107,8 +108,8 @@ def _describe_model(m: dict[str, Any]) -> str:
     est = m["estimate"]
     lines = [f"{m['name']}: {m['status']}, {m['ready_replicas']}/{m['replicas']} replica(s) "
              f"ready",
-             f"  source   {source_label(m['source'])} ({m['format']})",
-             f"  backend  {m['backend']}" + (f" {' '.join(m['args'])}" if m["args"] else ""),
+             f"  source   {source_label(m['source'])} ({m['format']}, {m.get('kind') or 'llm'})",
+             f"  backend  {_backend_label(m)}" + (f" {' '.join(m['args'])}" if m["args"] else ""),
              f"  context  {est.get('context_length') or m.get('context_length') or '-'} tokens",
              f"  memory   {gib(est['total_bytes'])} (weights {gib(est['weights_bytes'])}, "
              f"KV cache {gib(est['kv_cache_bytes'])})"]
@@ -118,6 +119,11 @@ def _describe_model(m: dict[str, Any]) -> str:
         lines.append(f"  {i['id']}  {i['state']:<10} node {i['node_id']}  port "
                      f"{i['port'] or '-'}  {i.get('reason') or ''}".rstrip())
     return "\n".join(lines)
+
+
+def _backend_label(model: dict[str, Any]) -> str:
+    label = model["backend"] + (f"=={model['backend_version']}" if model.get("backend_version") else "")
+    return label + (f" ({model['image']})" if model.get("image") else "")
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -170,8 +176,14 @@ def register(sub: Any) -> None:
                              "`-` reads stdin); see the README for its fields")
     deploy.add_argument("--name", help="the name clients send as `model` (default: the file "
                         "or repo name); ASCII letters, digits and . _ : / -, at most 128")
-    deploy.add_argument("--backend", help="engine to use (default: chosen by model format; "
+    deploy.add_argument("--backend", metavar="NAME[==VERSION]",
+                        help="engine to use, optionally a version installed on demand "
+                        "(e.g. vllm==0.25.1; default: chosen by model format and kind; "
                         "`gpumesh backends` lists them)")
+    # Checked by the daemon (the CLI stays light: no model-file code imported to start).
+    deploy.add_argument("--kind", help="llm, vlm, embedding, rerank, image, stt or tts "
+                        "(default: detected from the model's files, else llm)")
+    deploy.add_argument("--image", help="run the engine in this container image")
     deploy.add_argument("--replicas", type=int, help="instances to run (default 1)")
     deploy.add_argument("--context-length", type=int, metavar="TOKENS",
                         help="context window (default: the model's, at most 4096; more than "

@@ -11,7 +11,7 @@ from typing import Any
 from .capacity import check_fits
 from .common import CommandError, Result, State, refuse_identity_changes
 
-INSTANCE_STATES = ("scheduled", "downloading", "starting", "running", "error")
+INSTANCE_STATES = ("scheduled", "downloading", "installing", "starting", "running", "error")
 
 
 def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:

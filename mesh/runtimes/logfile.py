@@ -1,0 +1,62 @@
+"""An engine's log file, rotated by size: `<instance>.log`, then `.log.1` … `.log.<keep>`.
+
+Engines write ~2 KB per request; without rotation a busy instance fills the disk. Used by
+the process guard (the engine's stdout goes through it) and by the container runtime (the
+container's log stream), so the standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+__all__ = ["DEFAULT_KEEP", "DEFAULT_MAX_BYTES", "RotatingLog", "log_files"]
+
+DEFAULT_MAX_BYTES = 10 << 20
+DEFAULT_KEEP = 2
+
+
+def log_files(path: Path, keep: int = DEFAULT_KEEP) -> list[Path]:
+    """The current log and its rotated predecessors that exist, oldest first."""
+    candidates = [path.with_name(f"{path.name}.{i}") for i in range(keep, 0, -1)] + [path]
+    return [p for p in candidates if p.exists()]
+
+
+class RotatingLog:
+    """Append bytes to `path`; when it would pass `max_bytes`, shift it to `path.1` first."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 keep: int = DEFAULT_KEEP) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "ab")
+        self._size = self._handle.tell()
+        self._lock = threading.Lock()     # the engine's output and our own notes interleave
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._handle.write(data)
+            self._handle.flush()          # readers (`gpumesh logs -f`) see each line at once
+            self._size += len(data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+    def _rotate(self) -> None:
+        self._handle.close()
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.keep > 0:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self._handle = open(self.path, "ab")
+        self._size = 0
