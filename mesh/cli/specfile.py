@@ -2,8 +2,8 @@
 
 A spec file is one model (a mapping with `source`), a list of them under `models:`, or
 several YAML documents separated by `---`. Fields: `source` (required), `name`,
-`replicas`, `backend`, `context_length`, `args`. Relative paths are relative to the
-file, not the shell.
+`replicas`, `backend` (NAME or NAME==VERSION), `context_length`, `args`, `kind`, `image`.
+Relative paths are relative to the file, not the shell.
 
 Applying is declarative and idempotent: a model that does not exist is created; one that
 exists with the same fields is left alone; one that differs only in `replicas` is scaled
@@ -34,7 +34,7 @@ from .output import CliError, Exit, client_for, error_from_api, print_result
 
 __all__ = ["apply_spec_file", "load_spec"]
 
-FIELDS = ("name", "source", "replicas", "backend", "context_length", "args")
+FIELDS = ("name", "source", "replicas", "backend", "context_length", "args", "kind", "image")
 _IN_PLACE = ("replicas",)
 
 
@@ -195,7 +195,15 @@ def _differences(spec: ModelSpec, current: dict[str, Any]) -> dict[str, Any]:
              "context_length": (current.get("context_length"), wanted.get("context_length")),
              "args": (current.get("args") or [], wanted.get("args") or [])}
     if wanted.get("backend") is not None:
-        pairs["backend"] = (current["backend"].lower(), str(wanted["backend"]).lower())
+        stored = current["backend"] + (f"=={current['backend_version']}"
+                                       if current.get("backend_version") else "")
+        asked = str(wanted["backend"])
+        if "==" not in asked:
+            stored = current["backend"]            # no version asked: any version matches
+        pairs["backend"] = (stored.lower(), asked.replace(" ", "").lower())
+    for field in ("kind", "image"):
+        if wanted.get(field) is not None:
+            pairs[field] = (current.get(field), wanted[field])
     changes.update({k: v for k, v in pairs.items() if v[0] != v[1]})
     return changes
 
