@@ -53,9 +53,9 @@ class LaunchRequest:
     # are started with it, so nothing else on the host can call them. None: no key.
     api_key: str | None = None
     kind: str = "llm"                      # modelfiles.kinds.KINDS: what the engine serves
-    # Memory booked for this instance by the scheduler (all its devices together), and the
-    # total memory of one of its GPUs (the smallest): engines that pre-allocate (vLLM,
-    # SGLang) take a share of the card from these instead of their default 90 %.
+    # Memory the scheduler booked for this instance on *each* of its GPUs (or in RAM on the
+    # CPU), and the total memory of one of its GPUs (the smallest): engines that pre-allocate
+    # (vLLM, SGLang) take a share of the card from these instead of their default 90 %.
     memory_bytes: int | None = None
     device_memory_bytes: int | None = None
     weights_bytes: int | None = None       # the estimate's share of memory_bytes for weights

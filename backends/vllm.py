@@ -102,7 +102,7 @@ def gpu_memory_utilization(request: LaunchRequest) -> float | None:
     rounded up to the hundredth vLLM reads. None when either figure is unknown."""
     if not request.memory_bytes or not request.device_memory_bytes:
         return None
-    per_gpu = request.memory_bytes / max(1, len(request.gpu_indices))
+    per_gpu = request.memory_bytes          # the scheduler books per GPU
     share = math.ceil(per_gpu / request.device_memory_bytes * 100) / 100
     if share > _UTILIZATION_CAP:
         raise ValueError(f"the instance is booked {per_gpu / _GIB:.1f} GiB per GPU, more than "

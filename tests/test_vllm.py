@@ -100,7 +100,7 @@ def test_gpu_launches_pass_vllms_own_argument_parser(tmp_path: Path, vllm_home: 
     backend = VllmBackend()
     cases = {
         "tp2": LaunchRequest(model_path=str(model_dir), served_name="big", port=8001,
-                             gpu_vendor="nvidia", gpu_indices=(2, 5), memory_bytes=60 * GIB,
+                             gpu_vendor="nvidia", gpu_indices=(2, 5), memory_bytes=30 * GIB,
                              device_memory_bytes=141 * GIB, context_length=8192,
                              engine_home=str(vllm_home), api_key="secret"),
         "embed": LaunchRequest(model_path=str(model_dir), served_name="emb", port=8002,
