@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Input, Log, Static
 from harness import Daemon
 from tinymodels import write_tiny_gguf
 from gpumesh.tui.app import GpumeshConsole
+from gpumesh.tui.table import LiveTable
 from gpumesh.tui.modals import (ConfirmModal, DeployModal, HelpModal, NewKeyModal,
                                 NumberModal)
 
@@ -51,7 +52,10 @@ async def until(pilot: Any, condition: Callable[[], Any], what: str,
 
 
 def rows(app: GpumeshConsole, table_id: str) -> dict[str, list[str]]:
-    table = app.screen.query_one(f"#{table_id}", DataTable)
+    table = app.screen.query_one(f"#{table_id}")
+    if isinstance(table, LiveTable):
+        return {key: list(cells) for key, cells in table.rows.items()}
+    assert isinstance(table, DataTable)
     return {key.value: [str(c) for c in table.get_row(key)] for key in table.rows}
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterable
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import Footer, Input
 
 from ..widgets import NavBar
 
@@ -104,9 +104,8 @@ class View(Screen):
             self.app.pop_screen()
 
     def _focus_main(self) -> None:
-        tables = self.query(DataTable)
-        if tables:
-            tables.first().focus()
+        if self.AUTO_FOCUS and (found := self.query(self.AUTO_FOCUS)):
+            found.first().focus()
 
 
 def matches(filter_text: str, cells: Iterable[object]) -> bool:

@@ -7,10 +7,10 @@ import time
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.markup import escape
-from textual.widgets import DataTable, Log, Static
+from textual.widgets import Log, Static
 
 from ..format import gib, percent
-from ..widgets import cursor_key, sync_rows
+from ..table import LiveTable
 from .base import View, matches
 
 __all__ = ["ClusterView"]
@@ -20,6 +20,7 @@ COLUMNS = ("NODE", "STATE", "ROLE", "GPUS", "LOAD", "RAM", "INST", "ADDRESS", "V
 
 class ClusterView(View):
     MODE = "cluster"
+    AUTO_FOCUS = "#nodes"
     TOPICS = frozenset({"nodes", "raft", "instances", "telemetry", "log"})
     HELP_TEXT = ("Every node of the cluster as the attached node (marked *) sees it. A node "
                  "that stops answering shows as unreachable within a second.")
@@ -30,10 +31,8 @@ class ClusterView(View):
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="summary")
-        table: DataTable = DataTable(id="nodes", cursor_type="row", zebra_stripes=True)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        yield table
+        # Load and RAM change every second: the line-API table (see table.py) redraws cheaply.
+        yield LiveTable(COLUMNS, id="nodes")
         yield Log(id="events", max_lines=500, auto_scroll=True)
 
     def on_mount(self) -> None:
@@ -50,7 +49,7 @@ class ClusterView(View):
                 cells = self._row(node)
                 if matches(self.filter_text, cells):
                     rows.append((node["id"], cells))
-            sync_rows(self.query_one("#nodes", DataTable), rows)
+            self.query_one("#nodes", LiveTable).set_rows(rows)
         if "log" in topics:
             lines = model.new_log_lines(self._log_seen)
             self._log_seen = model.log_total
@@ -91,17 +90,17 @@ class ClusterView(View):
                 f"({escape(str(attached.get('api_url', self.app.client.url)))})")
 
     async def action_show_gpus(self) -> None:
-        key = cursor_key(self.query_one("#nodes", DataTable))
+        key = self.query_one("#nodes", LiveTable).cursor_key
         if key is None:
             return
         await self.app.switch_mode("gpus")
         self.app.screen.focus_node(key)      # type: ignore[attr-defined]
 
     def action_attach(self) -> None:
-        key = cursor_key(self.query_one("#nodes", DataTable))
+        key = self.query_one("#nodes", LiveTable).cursor_key
         node = self.app.model.nodes.get(key or "")
         if node and node.get("api_url"):
             self.app.attach(node["api_url"])
 
-    async def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    async def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         await self.action_show_gpus()

@@ -8,11 +8,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Grid
 from textual.markup import escape
-from textual.widgets import DataTable
-
 from ..format import bar, gib, num
 from ..store import GpuRef
-from ..widgets import BrailleChart, cursor_key, sync_rows
+from ..table import LiveTable
+from ..widgets import BrailleChart
 from .base import View, matches
 
 __all__ = ["GpusView"]
@@ -30,6 +29,7 @@ class GpusView(View):
     HELP_TEXT = ("Every GPU of every node, once a second. The charts show the row under the "
                  "cursor over the last minutes (a node row: its GPUs together, or its CPU "
                  "and RAM when it has none). Charts use fixed scales: 0–100 %, 0–100 °C.")
+    AUTO_FOCUS = "#gpus"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
     BINDINGS = [
@@ -47,10 +47,7 @@ class GpusView(View):
 
     def compose_body(self) -> ComposeResult:
         with Container(id="body"):
-            table: DataTable = DataTable(id="gpus", cursor_type="row", zebra_stripes=True)
-            for column in COLUMNS:
-                table.add_column(column, key=column)
-            yield table
+            yield LiveTable(COLUMNS, id="gpus")
             with Grid(id="charts"):
                 yield BrailleChart("util", "%", 100.0, id="chart-util")
                 yield BrailleChart("mem", "%", 100.0, id="chart-mem")
@@ -60,7 +57,9 @@ class GpusView(View):
     # --- drawing ---------------------------------------------------------------------------
 
     def redraw(self, topics: set[str]) -> None:
-        sync_rows(self.query_one("#gpus", DataTable), self._rows())
+        rows = self._rows()
+        self.query_one("#gpus", LiveTable).set_rows(
+            rows, groups={key for key, _ in rows if key.startswith("node:")})
         self._draw_charts()
 
     def _rows(self) -> list[tuple[str, tuple]]:
@@ -129,7 +128,7 @@ class GpusView(View):
                 ", ".join(i["model"] for i in instances) or "-")
 
     def _selected(self) -> GpuRef | None:
-        key = cursor_key(self.query_one("#gpus", DataTable))
+        key = self.query_one("#gpus", LiveTable).cursor_key
         if key is None:
             return None
         kind, _, rest = key.partition(":")
@@ -164,14 +163,14 @@ class GpusView(View):
 
     # --- actions ---------------------------------------------------------------------------
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_live_table_highlighted(self, event: LiveTable.Highlighted) -> None:
         self._draw_charts()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_fold()
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        sort = _SORT_COLUMN.get(str(event.column_key.value))
+    def on_live_table_header_clicked(self, event: LiveTable.HeaderClicked) -> None:
+        sort = _SORT_COLUMN.get(event.column)
         if sort is None:
             return
         if sort == self.sort_by:
@@ -184,9 +183,8 @@ class GpusView(View):
         if ref is None:
             return
         self.folded ^= {ref.node_id}
-        table = self.query_one("#gpus", DataTable)
         self.redraw(set(self.TOPICS))
-        table.move_cursor(row=table.get_row_index(f"node:{ref.node_id}"))
+        self.query_one("#gpus", LiveTable).move_to(f"node:{ref.node_id}")
 
     def action_fold_all(self) -> None:
         everything = set(self.app.model.nodes)
@@ -210,6 +208,4 @@ class GpusView(View):
         """Show `node_id`'s GPUs with the cursor on its row (from the Cluster view)."""
         self.folded.discard(node_id)
         self.redraw(set(self.TOPICS))
-        table = self.query_one("#gpus", DataTable)
-        if f"node:{node_id}" in table.rows:
-            table.move_cursor(row=table.get_row_index(f"node:{node_id}"))
+        self.query_one("#gpus", LiveTable).move_to(f"node:{node_id}")
