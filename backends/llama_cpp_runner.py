@@ -147,7 +147,10 @@ def _params(args: argparse.Namespace) -> xllamacpp.CommonParams:
     p = xllamacpp.CommonParams()
     p.model.path = args.model
     p.model_alias = {_alias(args)}
-    p.hostnames = [args.host]
+    if hasattr(p, "hostnames"):
+        p.hostnames = [args.host]
+    else:
+        p.hostname = args.host      # xllamacpp before 2026.10 (one address)
     p.port = args.port
     p.n_ctx = args.ctx_size
     p.n_gpu_layers = args.n_gpu_layers

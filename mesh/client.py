@@ -118,6 +118,20 @@ class ApiClient:
     def delete(self, path: str) -> Any:
         return self._call("DELETE", path)
 
+    def stream(self, path: str, timeout: float | None = None) -> Any:
+        """GET `path` and return the open response (a binary file object) to read as it
+        arrives; `timeout` None waits for data forever (following a log)."""
+        request = urllib.request.Request(self.url + path)
+        if self.api_key:
+            request.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            raise self._refusal(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ApiError(0, f"cannot reach gpumesh at {self.url} "
+                              f"({getattr(exc, 'reason', exc)}); {self._where_hint()}") from None
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)

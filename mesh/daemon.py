@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine
 
 import aiohttp
@@ -48,6 +49,7 @@ from .liveness import LivenessMonitor
 from .membership import (ClusterIdentity, JoinPlan, NodePresence, bootstrap_admin_key,
                          confirm_join, establish)
 from .instance import Timings
+from .logs_api import InstanceLogs
 from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler
@@ -190,7 +192,7 @@ class Daemon:
         context = ClusterContext(self.identity.cluster_id, self.identity.secret,
                                  self.config.api_url, self.config.raft_address)
         app = http_app(self.store, self.node_id, self.session, self.started,
-                       lambda: self.backends, cluster=context)
+                       lambda: self.backends, cluster=context, log_dir=self.data.root / "logs")
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
         app.cleanup_ctx.extend([
             self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
@@ -344,7 +346,8 @@ class Daemon:
 
 def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
              started: float, backends: Callable[[], list[dict[str, object]]],
-             cluster: ClusterContext | None = None) -> web.Application:
+             cluster: ClusterContext | None = None,
+             log_dir: Path | None = None) -> web.Application:
     """The HTTP surface of a node: errors in OpenAI's shape, the admin check on /api, the
     management routes and the gateway. The daemon adds its lifecycle parts; tests serve it
     as it is, in-process."""
@@ -355,6 +358,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     ClusterApi(store, node_id, started, session, cluster).add_routes(app)
     add_telemetry_routes(app, node_id)
     EventStream(store, node_id, session).add_routes(app)
+    InstanceLogs(store, node_id, session, log_dir).add_routes(app)
     Gateway(store, node_id, session).add_routes(app)
     return app
 

@@ -16,13 +16,13 @@ import sys
 from gpumesh import __version__
 
 from ..client import ApiError
-from . import cluster, daemon, models, tui
+from . import cluster, daemon, engines, models, tui
 from .output import EXIT_CODES_HELP, CliError, Exit, error_from_api, print_error
 
 __all__ = ["build_parser", "main"]
 
 # The command groups, in the order `gpumesh --help` lists them.
-_GROUPS = (daemon, models, cluster, tui)
+_GROUPS = (daemon, models, engines, cluster, tui)
 
 
 def main(argv: list[str] | None = None) -> int:

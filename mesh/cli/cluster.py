@@ -1,4 +1,5 @@
-"""Cluster commands: `nodes`, `status`, `backends`, `join-token`, `node drain|rm`."""
+"""Cluster commands: `nodes`, `status`, `join-token`, `node drain|rm` (`backends` lives in
+engines.py)."""
 
 from __future__ import annotations
 
@@ -82,20 +83,9 @@ def cmd_node_rm(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def cmd_backends(args: argparse.Namespace) -> int:
-    backends = client_for(args).get("/api/backends")["data"]
-    print_result(args, backends, lambda bs: table(
-        ["NAME", "VERSION", "FORMATS", "DEVICES", "AVAILABLE"],
-        [[b["name"], b["version"] or "-", ",".join(b["model_formats"]),
-          ",".join((["cpu"] if b["runs_on_cpu"] else []) + b["gpu_vendors"]),
-          status_cell("yes" if b["available"] else f"no: {b['problem']}")] for b in bs]))
-    return Exit.OK
-
-
 def register(sub: Any) -> None:
     add_client_command(sub, "nodes", cmd_nodes, "list nodes")
     add_client_command(sub, "status", cmd_status, "cluster status as this node sees it")
-    add_client_command(sub, "backends", cmd_backends, "engines this node can run")
     token = add_client_command(sub, "join-token", cmd_join_token,
                                "print a token that lets a new node join this cluster")
     token.add_argument("--ttl", type=int, default=24 * 3600,
