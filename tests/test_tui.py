@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 from textual.widgets import DataTable, Input, Log, Static
 
-from harness import Daemon
+from harness import Cluster, Daemon
 from tinymodels import write_tiny_gguf
 from gpumesh.tui.app import GpumeshConsole
 from gpumesh.tui.table import LiveTable
@@ -261,41 +261,40 @@ def test_console_reattaches_to_a_restarted_node(workdir: Path) -> None:
 
 
 def test_console_moves_to_another_node_when_its_node_goes_away(tmp_path: Path) -> None:
-    """Two nodes' HTTP apps on one replicated store (in-process): the console attached to the
-    first moves to the second, which the cluster listed, when the first stops serving."""
-    from inprocess import InProcessNode
-
-    from gpumesh.mesh.auth import ADMIN, new_api_key
-
-    node_ids = ("node-tui-a", "node-tui-b")
-    cluster = InProcessNode(tmp_path / "raft", node_ids)
+    """A real two-node cluster (`--join`): the console attached to the founder drains and
+    undrains the other node, then the founder is killed; the console shows it unreachable
+    and moves to the node the cluster listed."""
+    cluster = Cluster(tmp_path, 2)
     cluster.start()
+    first, second = cluster.nodes
     try:
-        key, record = new_api_key("admin", ADMIN)
-        cluster.submit({"op": "create_api_key", "key": record})
-        for node_id, url in zip(node_ids, cluster.urls):
-            cluster.submit({"op": "upsert_node", "node": {
-                "id": node_id, "name": node_id, "status": "ready", "api_url": url,
-                "raft_address": cluster.store.status.self_address, "version": "test",
-                "inventory": {"cpu_cores": 2, "memory_total_bytes": 1 << 30,
-                              "memory_available_bytes": 1 << 29, "gpus": [], "probe": "cpu"},
-                "backends": {}}})
-
         async def scenario() -> None:
-            app = GpumeshConsole(cluster.urls[0], key)
+            app = GpumeshConsole(first.url, first.admin_key)
             async with app.run_test(size=(80, 24)) as pilot:
                 await live(pilot)
-                assert app.model.node_id == node_ids[0]
-                await asyncio.to_thread(cluster.call, cluster.servers[0].close())
+                founder = app.model.node_id
+                other = next(n for n in app.model.nodes if n != founder)
+                await until(pilot, lambda: len(rows(app, "nodes")) == 2, "both nodes")
+                table = app.screen.query_one("#nodes", LiveTable)
+                table.move_to(other)
+                await pilot.press("d")
+                await until(pilot, lambda: isinstance(app.screen, ConfirmModal), "the question")
+                await pilot.press("y")
+                await until(pilot, lambda: rows(app, "nodes")[other][1] == "draining",
+                            "the drain")
+                await pilot.press("d", "y")
+                await until(pilot, lambda: rows(app, "nodes")[other][1] == "ready", "undrained")
+                await asyncio.to_thread(first.kill)
                 await until(pilot, lambda: app.connection == "live"
-                            and app.model.node_id == node_ids[1], "the other node")
-                assert app.client.url == cluster.urls[1]
-                assert "node-tui-b" in app.link_text
-                # The events pane tells the story: attached to a, then to b.
+                            and app.model.node_id == other, "the other node")
+                assert app.client.url == second.url and "n1" in app.link_text
+                await until(pilot, lambda: rows(app, "nodes")[founder][1] == "unreachable",
+                            "the founder shown unreachable")
                 attached = [line for _, line in app.model.log if "attached to node" in line]
-                assert attached[-2:] == [f"attached to node {n}" for n in node_ids]
+                assert attached[-2:] == ["attached to node n0", "attached to node n1"]
                 await pilot.press("q")
+            assert app.return_code == 0
 
         asyncio.run(scenario())
     finally:
-        cluster.stop()
+        cluster.kill_all()

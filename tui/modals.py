@@ -22,7 +22,7 @@ from .client import ApiError
 if TYPE_CHECKING:
     from .app import GpumeshConsole
 
-__all__ = ["ConfirmModal", "DeployModal", "HelpModal", "KeyShownModal", "NewKeyModal",
+__all__ = ["ConfirmModal", "DeployModal", "HelpModal", "NewKeyModal", "SecretModal",
            "NodePickerModal", "NumberModal"]
 
 
@@ -201,30 +201,26 @@ class DeployModal(_Dialog):
 
 
 def describe_evaluation(result: Any) -> str:
-    """The scheduler's answer in a few lines: fits or not, where, and how much memory."""
+    """The scheduler's answer (`POST /api/models/evaluate`) in a few lines: the estimate,
+    where each replica would go (or why not), failed checks, and its summary in words."""
     if not isinstance(result, dict):
         return escape(str(result))
     lines = []
     estimate = result.get("estimate") or {}
     if total := estimate.get("total_bytes"):
-        lines.append(f"needs {total / (1 << 30):.2f} GiB "
-                     f"(weights {estimate.get('weights_bytes', 0) / (1 << 30):.2f}, "
-                     f"KV cache {estimate.get('kv_cache_bytes', 0) / (1 << 30):.2f})")
-    placements = result.get("placements") or result.get("placement") or []
-    if isinstance(placements, dict):
-        placements = [placements]
-    for place in placements[:4]:
-        where = place.get("node_name") or place.get("node_id") or place.get("node") or "?"
-        device = place.get("device") or ("gpu" if place.get("gpu_indices") else "cpu")
-        gpus = place.get("gpu_indices")
-        lines.append(f"→ {where}: {device}" + (f" GPUs {gpus}" if gpus else ""))
-    fits = result.get("schedulable", result.get("fits"))
-    if fits is False or result.get("reason") or result.get("error"):
-        lines.append(f"[b]unschedulable:[/b] "
-                     f"{escape(str(result.get('reason') or result.get('error') or 'no room'))}")
-    elif fits:
-        lines.append("[b]fits[/b]: press ctrl+s (or enter) again to deploy")
-    return "\n".join(lines) or escape(str(result))[:300]
+        lines.append(f"needs {total / (1 << 30):.2f} GiB per replica "
+                     f"(weights {(estimate.get('weights_bytes') or 0) / (1 << 30):.2f}, "
+                     f"KV cache {(estimate.get('kv_cache_bytes') or 0) / (1 << 30):.2f})")
+    for n, replica in enumerate((result.get("replicas") or [])[:4], start=1):
+        where = f"→ {replica.get('node')}" if replica.get("fits") else "does not fit"
+        lines.append(f"replica {n} {where}: {escape(str(replica.get('reason', '')))}")
+    lines += [f"✗ {escape(str(c.get('detail')))}" for c in result.get("checks") or []
+              if not c.get("ok")]
+    fits = result.get("fits")
+    verdict = ("[b]fits[/b] · ctrl+s again deploys" if fits else
+               "[b]does not fit now[/b] · ctrl+s deploys anyway (it waits for room)")
+    lines.append(verdict if fits is not None else escape(str(result.get("summary", ""))))
+    return "\n".join(lines)
 
 
 def _default_name(source: str) -> str:
@@ -236,26 +232,28 @@ def _default_name(source: str) -> str:
 
 
 class NewKeyModal(_Dialog):
-    """Name, role and expiry of a new API key. Returns the request body, or None."""
+    """Name, owner and expiry of a new API key (a key takes its user's role). Returns the
+    request body, or None."""
 
     AUTO_FOCUS = "#key-name"
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="key.cancel"),
                 Binding("ctrl+s", "create", "Create", id="key.create")]
 
-    def __init__(self, roles: list[str], users: list[str]) -> None:
+    def __init__(self, users: list[tuple[str, str]]) -> None:
         super().__init__()
-        self.roles = roles
-        self.users = users
+        self.users = users                     # (user id, role)
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("[b]New API key[/b]")
             yield Input(placeholder="name", id="key-name", compact=True)
-            yield Select([(r, r) for r in self.roles], value=self.roles[-1], id="role",
-                         compact=True, allow_blank=False)
             if self.users:
-                yield Select([(u, u) for u in self.users], prompt="user: none", id="user",
-                             compact=True)
+                yield Select([(f"{u} ({role})", u) for u, role in self.users],
+                             value=self.users[0][0], id="user", compact=True,
+                             allow_blank=False)
+            else:
+                yield Select([("user", "user"), ("admin", "admin")], value="user",
+                             id="role", compact=True, allow_blank=False)
             yield Input(placeholder="expires in days (empty: never)", id="days",
                         type="integer", compact=True, validators=[Integer(1, 3650)],
                         valid_empty=True)
@@ -274,12 +272,12 @@ class NewKeyModal(_Dialog):
         if result is not None and not result.is_valid:
             self.query_one("#error", Label).update("expiry: a number of days (1–3650)")
             return
-        body: dict[str, Any] = {"name": name, "role": self.query_one("#role", Select).value}
+        body: dict[str, Any] = {"name": name}
+        for field in ("user", "role"):
+            if found := self.query(f"#{field}"):
+                body[field] = found.first(Select).value
         if days_box.value:
             body["expires_in_days"] = int(days_box.value)
-        users = self.query("#user")
-        if users and isinstance(users.first(Select).value, str):
-            body["user"] = users.first(Select).value
         self.dismiss(body)
 
     @on(Input.Submitted)
@@ -295,20 +293,21 @@ class NewKeyModal(_Dialog):
             self.action_create()
 
 
-class KeyShownModal(_Dialog):
-    """The new key, once: selectable text, and a button that copies it (OSC 52)."""
+class SecretModal(_Dialog):
+    """A secret shown once (a new API key, a join token): selectable text, and a button
+    that copies it (OSC 52)."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Close", id="shown.close"),
                 Binding("c", "copy", "Copy", id="shown.copy")]
 
-    def __init__(self, key: str, name: str) -> None:
+    def __init__(self, key: str, title: str) -> None:
         super().__init__()
         self.key = key
-        self.name_ = name
+        self.title_ = title
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Label(f"[b]API key {escape(self.name_)}[/b]: shown only now; store it")
+            yield Label(f"[b]{escape(self.title_)}[/b]: shown only now; store it")
             yield Input(self.key, id="the-key", compact=True)
             with Horizontal(classes="buttons"):
                 yield Button("Copy (c)", id="copy", compact=True, variant="primary")

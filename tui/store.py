@@ -203,12 +203,16 @@ class ClusterModel:
         return "-"
 
     def node_state(self, node_id: str) -> str:
-        """The replicated status, unless the node stopped answering this console's node."""
+        """ready, draining, unreachable or stopped: the replicated status (and the admin's
+        drain), or unreachable at once when the node stops answering this console's node
+        (the leader's liveness marks it a few seconds later)."""
         node = self.nodes.get(node_id, {})
         status = node.get("status", "unknown")
         reading = self.telemetry.get(node_id)
-        if reading is not None and not reading.get("ok") and status not in ("stopped",):
+        if reading is not None and not reading.get("ok") and status != "stopped":
             return "unreachable"
+        if node.get("draining") and status != "unreachable":
+            return "draining"
         return status
 
     def gpus_of(self, node_id: str) -> list[Record]:

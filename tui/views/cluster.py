@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.markup import escape
 from textual.widgets import Log, Static
 
+from ..client import ApiError
 from ..format import gib, percent
+from ..modals import ConfirmModal, SecretModal
 from ..table import LiveTable
 from .base import View, matches
 
@@ -27,6 +30,9 @@ class ClusterView(View):
     BINDINGS = [
         Binding("enter", "show_gpus", "GPUs of node", id="cluster.gpus"),
         Binding("a", "attach", "Attach here", id="cluster.attach"),
+        Binding("d", "drain", "Drain", id="cluster.drain"),
+        Binding("ctrl+d", "remove", "Remove", id="cluster.remove"),
+        Binding("t", "join_token", "Join token", id="cluster.token"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -101,6 +107,54 @@ class ClusterView(View):
         node = self.app.model.nodes.get(key or "")
         if node and node.get("api_url"):
             self.app.attach(node["api_url"])
+
+    def _node(self) -> dict | None:
+        return self.app.model.nodes.get(self.query_one("#nodes", LiveTable).cursor_key or "")
+
+    @work(group="cluster-actions", exit_on_error=False)
+    async def action_drain(self) -> None:
+        node = self._node()
+        if node is None:
+            return
+        undo = bool(node.get("draining"))
+        question = (f"Let {node['name']} take instances again?" if undo else
+                    f"Drain {node['name']}? Its instances move to other nodes and nothing new "
+                    "is placed there until it is undrained (d again).")
+        if await self.app.push_screen_wait(ConfirmModal(question, yes="Undrain" if undo
+                                                        else "Drain", destructive=not undo)):
+            await self._call(f"{'undraining' if undo else 'draining'} {node['name']}", "POST",
+                             f"/api/nodes/{node['id']}/drain", {"undo": undo})
+
+    @work(group="cluster-actions", exit_on_error=False)
+    async def action_remove(self) -> None:
+        node = self._node()
+        if node is None:
+            return
+        if await self.app.push_screen_wait(ConfirmModal(
+                f"Remove {node['name']} from the cluster? Its instances move elsewhere; to "
+                "come back it needs a wiped data dir and a new join token.", yes="Remove",
+                destructive=True)):
+            await self._call(f"removing {node['name']}", "DELETE", f"/api/nodes/{node['id']}")
+
+    @work(group="cluster-actions", exit_on_error=False)
+    async def action_join_token(self) -> None:
+        try:
+            reply = await self.app.client.post("/api/join-tokens", {})
+        except ApiError as exc:
+            self.notify("this node has no join API (POST /api/join-tokens)" if exc.missing_route
+                        else f"join token: {exc}", severity="error", timeout=8)
+            return
+        await self.app.push_screen_wait(SecretModal(
+            reply["token"], "Join token (gpumesh up --join HOST --token TOKEN)"))
+
+    async def _call(self, what: str, method: str, path: str,
+                    body: dict | None = None) -> None:
+        try:
+            await self.app.client.request(method, path, json_body=body)
+        except ApiError as exc:
+            self.notify(f"{what} failed: {exc}", severity="error", timeout=8)
+        else:
+            self.notify(f"{what}: done", timeout=3)
 
     async def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         await self.action_show_gpus()

@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from ..client import ApiError
-from ..modals import ConfirmModal, KeyShownModal, NewKeyModal
+from ..modals import ConfirmModal, NewKeyModal, SecretModal
 from ..widgets import cursor_key, sync_rows
 from .base import View, matches
 
@@ -85,7 +85,7 @@ class KeysView(View):
         for user in sorted(self.users, key=lambda u: u.get("id", "")):
             limits = user.get("limits") or {}
             cells = (user.get("id", "-"), user.get("role", "-"),
-                     str(counts.get(user.get("id", ""), 0)),
+                     str(user.get("keys", counts.get(user.get("id", ""), 0))),
                      " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-")
             if matches(self.filter_text, cells):
                 rows.append((str(user.get("id")), cells))
@@ -107,8 +107,8 @@ class KeysView(View):
 
     @work(group="keys-actions", exit_on_error=False)
     async def action_new_key(self) -> None:
-        users = [str(u.get("id")) for u in self.users or []]
-        body = await self.app.push_screen_wait(NewKeyModal(["admin", "user"], users))
+        users = [(str(u.get("id")), str(u.get("role", "?"))) for u in self.users or []]
+        body = await self.app.push_screen_wait(NewKeyModal(users))
         if body is None:
             return
         try:
@@ -118,7 +118,8 @@ class KeysView(View):
                        else f"creating the key failed: {exc}")
             self.notify(message, severity="error", timeout=8)
             return
-        await self.app.push_screen_wait(KeyShownModal(created.get("key", "?"), body["name"]))
+        await self.app.push_screen_wait(SecretModal(created.get("key", "?"),
+                                                    f"API key {body['name']}"))
 
     @work(group="keys-actions", exit_on_error=False)
     async def action_revoke(self) -> None:
