@@ -23,7 +23,9 @@ class NavBar(Horizontal):
 
     DEFAULT_CSS = """
     NavBar { height: 1; dock: top; background: $panel; }
-    NavBar > #views { width: 1fr; min-width: 52; text-wrap: nowrap; }
+    NavBar > #views { width: 1fr; min-width: 52; text-wrap: nowrap;
+                      link-style: none; link-color: $foreground; link-background: $panel;
+                      link-style-hover: reverse; }
     NavBar > #link { width: auto; max-width: 50%; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
