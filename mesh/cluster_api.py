@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gpumesh import __version__
 
-from .errors import openai_error
+from .errors import openai_error, write_unavailable
 from .joining import (DEFAULT_TOKEN_TTL_S, JoinError, JoinRequest, join_key, loopback_mismatch,
                       new_token, seal_reply, token_expired)
 from .state import ClusterStore, CommandRejected, StateUnavailable
@@ -296,7 +296,7 @@ class ClusterApi:
             return openai_error(404 if exc.code == "node_not_found" else 409, str(exc),
                                 code=exc.code)
         except StateUnavailable as exc:
-            return _unavailable(f"the cluster cannot accept writes now: {exc}")
+            return write_unavailable(exc)
 
 
 def _unavailable(message: str) -> web.Response:
