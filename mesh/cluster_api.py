@@ -32,6 +32,7 @@ OPEN_PATHS = ("/api/join",)              # a newcomer has no API key: it proves 
 _FORWARDED_HEADER = "X-Gpumesh-Forwarded"
 _MEMBERSHIP_TIMEOUT_S = 15.0
 _LEADER_TRANSFER_S = 5.0
+_REMOVAL_NOTICE_S = 0.5          # five Raft heartbeats
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,11 @@ class ClusterApi:
                 return result
             address = node.get("raft_address")
             if address in self._store.status.members:
+                if _connected(self._store.status, address):
+                    # A follower applies an entry when a later heartbeat carries the commit
+                    # index; after remove_member none comes. A few heartbeats' time lets it
+                    # learn that its record is gone (and stop itself).
+                    await asyncio.sleep(_REMOVAL_NOTICE_S)
                 try:
                     await self._store.remove_member(address, timeout=_MEMBERSHIP_TIMEOUT_S)
                 except (StateUnavailable, CommandRejected) as exc:
@@ -297,6 +303,10 @@ class ClusterApi:
                                 code=exc.code)
         except StateUnavailable as exc:
             return write_unavailable(exc)
+
+
+def _connected(status: Any, address: str) -> bool:
+    return any(p.address == address and p.connected for p in getattr(status, "peers", ()))
 
 
 def _unavailable(message: str) -> web.Response:

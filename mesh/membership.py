@@ -46,7 +46,7 @@ __all__ = ["ClusterIdentity", "JoinPlan", "NodePresence", "bootstrap_admin_key",
 
 log = logging.getLogger("gpumesh.membership")
 
-HEARTBEAT_S = 2.0             # node-record refresh period (free memory, load)
+HEARTBEAT_S = 5.0             # node-record refresh period (free memory, load)
 _JOIN_CONFIRM_DEADLINE_S = 60.0
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=3)
 
