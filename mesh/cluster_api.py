@@ -33,6 +33,7 @@ _FORWARDED_HEADER = "X-Gpumesh-Forwarded"
 _MEMBERSHIP_TIMEOUT_S = 15.0
 _LEADER_TRANSFER_S = 5.0
 _REMOVAL_NOTICE_S = 0.5          # five Raft heartbeats
+_TOKEN_CATCH_UP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class ClusterApi:
         if join.cluster_id != self._context.cluster_id:
             return openai_error(403, f"this node belongs to cluster {self._context.cluster_id}, "
                                      f"not {join.cluster_id}", code="wrong_cluster")
-        record = self._store.view.join_tokens.get(join.token_id)
+        record = await self._join_token(join.token_id)
         key = join_key(self._context.secret, join.token_id)
         if record is None or token_expired(record) or not join.verify(key, proof):
             # One answer for unknown, expired and forged: no oracle for guessing.
@@ -242,6 +243,19 @@ class ClusterApi:
             return problem
         return web.json_response(seal_reply(key, join.nonce, {
             "members": sorted(self._store.status.members)}))
+
+    async def _join_token(self, token_id: str) -> dict[str, Any] | None:
+        """The token's record; a token minted a moment ago on another node may reach this
+        replica a heartbeat later, so an unknown one is waited for briefly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _TOKEN_CATCH_UP_S
+        view = self._store.view
+        while (record := view.join_tokens.get(token_id)) is None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            view = await self._store.wait_changed(view.version, timeout=left)
+        return record
 
     async def _admit(self, join: JoinRequest) -> web.Response | None:
         """Add the newcomer's Raft address, one membership change at a time."""

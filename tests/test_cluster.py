@@ -235,7 +235,8 @@ def test_without_quorum_inference_goes_on_and_writes_are_refused(cluster: Cluste
     # Its own instance still answers, through its own gateway.
     assert chat(survivor) == (200, "hello there")
     code, body = survivor.request("POST", "/api/join-tokens", {"ttl_s": 600}, timeout=60)
-    assert code == 503 and body["error"]["code"] == "no_quorum", body
+    # Refused, or not confirmed (a node that appended it cannot know): never a 2xx.
+    assert (code, body["error"]["code"]) in ((503, "no_quorum"), (504, "outcome_unknown")), body
     shown = survivor.cli("status")
     assert shown.returncode == 0 and "quorum NO" in shown.stdout
     assert "inference on running instances" in shown.stdout
