@@ -97,8 +97,14 @@ class _ReplicatedDocument(SyncObjConsumer):
 
     @replicated
     def _apply(self, payload: bytes) -> dict[str, Any]:
-        # Runs on the Raft thread, on every node, in log order.
-        command = msgpack.unpackb(payload, raw=False)
+        # Runs on the Raft thread, on every node, in log order. A committed entry that
+        # raised here would be retried on every tick forever, so bad bytes are a refusal.
+        try:
+            command = msgpack.unpackb(payload, raw=False)
+        except Exception:  # noqa: BLE001 - msgpack raises several types for bad bytes
+            command = None
+        if not isinstance(command, dict):
+            return {"error": "the command is not a msgpack map", "code": "bad_command"}
         self.state, result = apply_command(self.state, command)
         self._on_applied()
         return result
@@ -128,7 +134,8 @@ class ClusterStore:
         self._node = RaftNode(self_address=self_address, partners=list(partners),
                               bind_host=bind_host, secret=secret, journal_file=journal_file,
                               snapshot_file=snapshot_file, consumers=[self._document],
-                              on_status=self._on_status)
+                              on_status=self._on_status, on_write_lost=self._on_write_lost)
+        self._attempts: dict[str, asyncio.Future] = {}   # rid -> the attempt in flight
         self._started = False
         self._changed = asyncio.Event()
         self._change_pending = threading.Event()
@@ -228,6 +235,8 @@ class ClusterStore:
           StateUnavailable: it was not applied (no leader within the deadline, not running).
         """
         if not self._node.running or self._loop is None:
+            if self._status.storage_error:
+                raise StorageFull(f"this node cannot write: {self._status.storage_error}")
             raise StateUnavailable("the state store is not running")
         if not isinstance(command.get("rid"), str):
             command = {**command, "rid": secrets.token_hex(8)}
@@ -242,9 +251,12 @@ class ClusterStore:
         pause = _RETRY_FIRST_S
         while True:
             self._refuse_if_storage_failed(op)
-            result, error = await self._attempt(payload, deadline)
+            result, error = await self._attempt(command["rid"], payload, deadline)
             if error == FAIL_REASON.SUCCESS:
                 break
+            if error == _NOT_PERSISTED:
+                raise StorageFull(f"{op} was not applied: the leader could not write it to "
+                                  f"its Raft journal ({self._status.storage_error or 'disk full'})")
             uncertain = uncertain or error is None or error in _UNCERTAIN
             if error is None or loop.time() + pause >= deadline:
                 why = ("no answer came" if error is None
@@ -262,12 +274,14 @@ class ClusterStore:
             raise CommandRejected(result.get("code", "rejected"), result["error"])
         return result
 
-    async def _attempt(self, payload: bytes, deadline: float) -> tuple[Any, int | None]:
+    async def _attempt(self, rid: str, payload: bytes,
+                       deadline: float) -> tuple[Any, int | None]:
         """Hand one copy of the command to pysyncobj; (result, error code), or (None, None)
         if no answer came before `deadline`."""
         assert self._loop is not None
         loop, node = self._loop, self._node
         future: asyncio.Future[tuple[Any, int]] = loop.create_future()
+        self._attempts[rid] = future
 
         def on_done(result: Any, error: int) -> None:  # called on the Raft thread
             node.write_finished()
@@ -282,6 +296,23 @@ class ClusterStore:
             return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             return None, None
+        finally:
+            if self._attempts.get(rid) is future:
+                del self._attempts[rid]
+
+    def _on_write_lost(self, payload: bytes) -> None:
+        # Raft thread: this node, leading, could not persist the command carrying `payload`.
+        try:
+            rid = msgpack.unpackb(payload, raw=False).get("rid")
+        except (ValueError, AttributeError):
+            return
+        if self._loop is not None and isinstance(rid, str):
+            self._loop.call_soon_threadsafe(self._fail_attempt, rid)
+
+    def _fail_attempt(self, rid: str) -> None:
+        future = self._attempts.get(rid)
+        if future is not None:
+            _resolve(future, None, _NOT_PERSISTED)
 
     def _refuse_if_storage_failed(self, op: Any) -> None:
         if self._status.storage_error:
@@ -438,6 +469,9 @@ def _resolve(future: asyncio.Future, result: Any, error: int) -> None:
     if not future.done():
         future.set_result((result, error))
 
+
+# Not a pysyncobj code: the leader (this node) could not write the entry to its journal.
+_NOT_PERSISTED = -1
 
 # Failures after which the command may still be applied: a follower lost track of a
 # command it had forwarded when the leader changed, or the answer refers to an entry already

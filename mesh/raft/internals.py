@@ -9,13 +9,13 @@ the one these accessors were written against (pyproject pins it too).
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import Any, Callable
 
 from pysyncobj import SyncObj
 from pysyncobj.monotonic import monotonic as clock
 from pysyncobj.version import VERSION
 
-__all__ = ["PINNED_VERSION", "check_version", "clock", "election_deadline", "set_election_deadline",
+__all__ = ["PINNED_VERSION", "check_version", "clock", "install", "transport_of", "journal_of", "election_deadline", "set_election_deadline",
            "next_heartbeat", "last_log_index", "last_response_times", "wake",
            "leader_noop_applied"]
 
@@ -75,3 +75,28 @@ def wake(raft: SyncObj) -> None:
             raise
 
 
+
+
+def transport_of(raft: SyncObj) -> Any:
+    return raft._SyncObj__transport
+
+
+def journal_of(raft: SyncObj) -> Any:
+    return raft._SyncObj__raftLog
+
+
+def install(codec: Any, create_journal: Callable[[str | None], Any]) -> None:
+    """Replace pickle and the journal inside pysyncobj, for the whole process.
+
+    pysyncobj reaches pickle through a module-global name `pickle` in each module that
+    serialises (`syncobj`: commands, membership entries, chunked entries; `serializer`:
+    snapshots; `tcp_connection`: its wire, unused with gpumesh's transport), and builds its
+    journal through the module-global `createJournal`. Rebinding those names swaps both
+    without a fork; `codec` must offer pickle's dumps/loads/dump/load/to_bytes."""
+    import pysyncobj.serializer
+    import pysyncobj.syncobj
+    import pysyncobj.tcp_connection
+    check_version()
+    for module in (pysyncobj.syncobj, pysyncobj.serializer, pysyncobj.tcp_connection):
+        module.pickle = codec
+    pysyncobj.syncobj.createJournal = create_journal

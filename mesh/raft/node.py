@@ -19,6 +19,9 @@ write stuck in an outage never keeps a core busy.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import functools
+import gzip
 import logging
 import queue
 import random
@@ -29,12 +32,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer
-from pysyncobj.transport import TCPTransport
+from pysyncobj.journal import MemoryJournal
 
-from . import internals
-from .internals import clock
+from . import codec, internals
 from .errors import StartupRefused
+from .internals import clock
+from .journal import DurableJournal, JournalWriteError
 from .members import MemberFile
+from .transport import MIN_SECRET_LENGTH, GmTransport
 
 __all__ = ["RaftNode", "RaftStatus", "PeerStatus"]
 
@@ -55,11 +60,8 @@ _QUIET_START_S = 1.5
 _MAX_WAIT_S = 0.25
 _BUSY_TICK_S = 0.001
 _BUSY_WINDOW_S = 0.05
-# When the leader's connection closes (its process died, the kernel sent FIN), followers hold
-# an election at once instead of waiting out the timeout: the first in address order after
-# this delay, the next one a step later, so their requests do not split the vote.
-_FIN_ELECTION_DELAY_S = 0.02
-_FIN_RANK_STEP_S = 0.08
+# A leader that cannot write its journal asks a caught-up follower to take over, this often.
+_HANDOFF_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,17 +112,15 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-class _Transport(TCPTransport):
-    """pysyncobj's TCP transport plus the leader-FIN hook (notes §2)."""
+# pysyncobj builds its journal from the path alone; the snapshot beside it (fsynced before
+# compaction drops entries) is registered here by the node about to be constructed.
+_SNAPSHOT_OF: dict[str, Path] = {}
 
-    def _onNodeDisconnected(self, node: Any) -> None:
-        super()._onNodeDisconnected(node)
-        raft = self._syncObj
-        if raft._getLeader() == node and not raft._isLeader():
-            others = sorted(n.id for n in raft.otherNodes if n != node)
-            rank = sorted([*others, raft.selfNode.id]).index(raft.selfNode.id)
-            delay = _FIN_ELECTION_DELAY_S + rank * _FIN_RANK_STEP_S + random.uniform(0, 0.02)
-            internals.set_election_deadline(raft, clock() + delay)
+
+def _create_journal(path: str | None) -> Any:
+    if path is None:
+        return MemoryJournal()
+    return DurableJournal(Path(path), _SNAPSHOT_OF.get(path))
 
 
 class RaftNode:
@@ -129,9 +129,14 @@ class RaftNode:
     def __init__(self, *, self_address: str, partners: list[str], bind_host: str,
                  secret: str, journal_file: Path, snapshot_file: Path,
                  consumers: list[SyncObjConsumer],
-                 on_status: Callable[[RaftStatus], None]) -> None:
-        internals.check_version()
+                 on_status: Callable[[RaftStatus], None],
+                 on_write_lost: Callable[[bytes], None] = lambda payload: None) -> None:
+        internals.install(codec, _create_journal)
         self.self_address = self_address
+        self._secret = secret
+        self._journal_file = journal_file
+        self._snapshot_file = snapshot_file
+        self._on_write_lost = on_write_lost
         self._member_file = MemberFile(Path(f"{journal_file}.members"))
         self._partners = partners
         self._conf = SyncObjConf(
@@ -150,7 +155,7 @@ class RaftNode:
             leaderFallbackTimeout=_LEADER_FALLBACK_S,
             journalFile=str(journal_file),
             fullDumpFile=str(snapshot_file),
-            password=secret,
+            # No `password`: gpumesh's transport authenticates and encrypts (transport.py).
             bindAddress=f"{bind_host}:{self_address.rsplit(':', 1)[1]}",
             maxBindRetries=1,
             dynamicMembershipChange=True,
@@ -174,17 +179,32 @@ class RaftNode:
         self._recorded_members: tuple[str, ...] = ()
         self._pending_members: tuple[tuple[str, ...], int] | None = None
         self._status: RaftStatus | None = None
+        self._journal: DurableJournal | None = None
+        self._transport: GmTransport | None = None
+        self._storage_error: str | None = None
+        self._next_handoff = 0.0
+        self._next_probe = 0.0
         self.ticks = 0          # ticks run so far (tests and benchmarks read it)
 
     # --- lifecycle (blocking: call from a worker thread) ------------------------------------
 
     def open(self) -> None:
-        """Read the journal, bind the Raft port, and start the tick thread. Blocking."""
+        """Read the journal, bind the Raft port, and start the tick thread. Blocking.
+
+        Raises StartupRefused for a short cluster secret, a damaged or missing journal or
+        snapshot, a changed address, or a port that cannot be bound."""
+        if len(self._secret) < MIN_SECRET_LENGTH:
+            raise StartupRefused(
+                f"the cluster secret is {'empty' if not self._secret else 'too short'} "
+                f"({len(self._secret)} characters; at least {MIN_SECRET_LENGTH}): it is what "
+                f"keeps strangers off the Raft port. Use the cluster.secret gpumesh generated")
         members = self._starting_members()
         others = [m for m in members if m != self.self_address]
+        self._check_snapshot()
+        _SNAPSHOT_OF[str(self._journal_file)] = self._snapshot_file
         try:
             raft = SyncObj(self.self_address, others, self._conf, self._consumers,
-                           transportClass=_Transport)
+                           transportClass=functools.partial(GmTransport, secret=self._secret))
         except Exception as exc:
             if "BindError" in str(exc):
                 raise StartupRefused(f"cannot listen on the Raft address "
@@ -196,6 +216,8 @@ class RaftNode:
                 raft, clock() + _QUIET_START_S
                 + random.uniform(0, _RAFT_MAX_TIMEOUT_S - _RAFT_MIN_TIMEOUT_S))
         self._raft = raft
+        self._journal = internals.journal_of(raft)
+        self._transport = internals.transport_of(raft)
         self._record_members(tuple(sorted(members)))
         self._thread = threading.Thread(target=self._run, name="gpumesh-raft", daemon=False)
         self._thread.start()
@@ -208,6 +230,22 @@ class RaftNode:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _check_snapshot(self) -> None:
+        """pysyncobj logs a snapshot it cannot read and starts empty: refuse instead."""
+        path = self._snapshot_file
+        if not path.exists():
+            return
+        try:
+            with gzip.open(path, "rb") as handle:
+                data = codec.load(handle)
+            if not (isinstance(data, tuple) and len(data) == 4):
+                raise ValueError("not a pysyncobj snapshot")
+        except (OSError, EOFError, ValueError) as exc:
+            raise StartupRefused(
+                f"the Raft snapshot at {path} is damaged or from an older gpumesh ({exc}). "
+                f"Remove this node's raft/ folder and join the cluster again with a fresh "
+                f"token (the other members hold the state)") from None
 
     def _starting_members(self) -> list[str]:
         record = self._member_file.load()
@@ -234,12 +272,63 @@ class RaftNode:
                     raft.doTick(0.0)
                     self._publish(raft)
                     raft._poller.poll(self._wait_seconds(raft))
+                except JournalWriteError as exc:
+                    self._journal_failed(exc)
                 except Exception:  # noqa: BLE001 - one bad tick must not stop replication
                     log.exception("Raft tick failed; continuing")
                     self._stopping.wait(0.05)
         finally:
             self._fail_calls()
             raft.destroy()          # autoTick=False: synchronous, in this (the owning) thread
+            if self._status is not None:
+                self._status = dataclasses.replace(
+                    self._status, leader=None, is_leader=False, has_quorum=False, ready=False,
+                    storage_error=self._storage_error)
+                self._on_status(self._status)
+
+    def _journal_failed(self, exc: JournalWriteError) -> None:
+        """An entry could not be persisted (disk full): it was not appended. Tell the
+        submitter that much, and let the storage check hand the leadership over. A term or
+        vote that could not be saved is worse (pysyncobj already acts on it): this node
+        leaves the Raft group until it is restarted."""
+        if exc.fatal:
+            self._storage_error = (f"{exc.strerror or exc}; this node left the Raft group "
+                                   f"(restart it once the disk is fixed)")
+            log.critical("the Raft term and vote cannot be saved (%s): this node stops taking "
+                         "part in the cluster; inference on running instances goes on",
+                         exc.strerror or exc)
+            self._stopping.set()
+            return
+        if self._storage_error is None:
+            log.error("the Raft journal cannot be written (%s): this node refuses writes and "
+                      "gives up the leadership until space is freed", exc.strerror or exc)
+        self._next_probe = clock() + _HANDOFF_RETRY_S
+        if exc.command and exc.command[:1] == b"\x00":
+            try:
+                call = codec.loads(exc.command[1:])
+                self._on_write_lost(call[1][0])
+            except (codec.CodecError, IndexError, TypeError):
+                pass
+
+    def _check_storage(self, raft: SyncObj) -> str | None:
+        assert self._journal is not None
+        failure = self._journal.failure
+        now = clock()
+        if failure is not None and now >= self._next_probe:
+            # Nothing is written while writes are refused: test whether space came back.
+            self._next_probe = now + _HANDOFF_RETRY_S
+            if self._journal.probe():
+                failure = None
+        if failure is None:
+            if self._storage_error is not None:
+                log.info("the Raft journal can be written again")
+            return None
+        if raft._isLeader() and now >= self._next_handoff:
+            # A leader that cannot persist stalls every write: hand over to a caught-up
+            # follower (best effort; without one it stays, refusing writes).
+            self._next_handoff = now + _HANDOFF_RETRY_S
+            raft.transferLeadership(None, None)
+        return failure
 
     def _wait_seconds(self, raft: SyncObj) -> float:
         now = clock()
@@ -281,13 +370,15 @@ class RaftNode:
         leader = raft._getLeader()
         others = raft.otherNodes
         is_leader = raft._isLeader()
-        heard = internals.last_response_times(raft) if is_leader else {}
-        # pysyncobj's times are on its own clock; PeerStatus speaks time.monotonic().
+        assert self._transport is not None
+        heard = self._transport.last_heard()
+        # pysyncobj's clock is not time.monotonic(), which PeerStatus speaks.
         shift = time.monotonic() - clock()
         peers = tuple(sorted(
             (PeerStatus(n.id, raft.isNodeConnected(n),
-                        heard[n] + shift if n in heard else None) for n in others),
+                        heard[n.id] + shift if n.id in heard else None) for n in others),
             key=lambda p: p.address))
+        self._storage_error = self._check_storage(raft)
         members = tuple(sorted([self.self_address, *(n.id for n in others)]))
         status = RaftStatus(
             self_address=self.self_address,
@@ -300,6 +391,7 @@ class RaftNode:
             ready=raft.isReady(),
             members=members,
             peers=peers,
+            storage_error=self._storage_error,
         )
         self._track_members(raft, members)
         if status != self._status:
