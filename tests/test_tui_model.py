@@ -135,3 +135,12 @@ def test_sse_parser_and_missing_routes() -> None:
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_instance_progress_words() -> None:
+    from gpumesh.tui.views.instances import _one_line, _progress
+
+    assert _progress({"progress": {"step": "Collecting vllm", "elapsed_s": 75.2}}) == "1m15s"
+    assert _progress({"progress": {"done_bytes": 50, "total_bytes": 200}}) == "25%"
+    assert _progress({"progress": None}) == "" and _progress({}) == ""
+    assert _one_line("Traceback\n  File x\nValueError: bad\n\n") == "ValueError: bad"

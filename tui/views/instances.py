@@ -72,7 +72,8 @@ class InstancesView(View):
         return (instance["id"], instance.get("model", "-"), state,
                 node.get("name", instance.get("node_id", "-")), gpus,
                 str(instance.get("port") or "-"), self._uptime(instance),
-                str(instance.get("restarts", 0)), _one_line(instance.get("reason")))
+                str(instance.get("restarts", 0)),
+                _one_line(instance.get("reason") or (instance.get("progress") or {}).get("step")))
 
     def _uptime(self, instance: dict[str, Any]) -> str:
         if instance.get("state") != "running":
@@ -178,15 +179,17 @@ class InstancesView(View):
 
 
 def _progress(instance: dict[str, Any]) -> str:
-    """Download progress, where the agent reports it (a fraction, or bytes done of total)."""
-    progress = instance.get("progress") or instance.get("download")
-    if isinstance(progress, (int, float)):
-        return f"{100 * progress:.0f}%" if progress <= 1 else f"{progress:.0f}%"
-    if isinstance(progress, dict):
-        done = progress.get("done_bytes", progress.get("downloaded_bytes"))
-        total = progress.get("total_bytes")
-        if done is not None and total:
-            return f"{100 * done / total:.0f}%"
+    """Progress, where the agent reports it: bytes done of total (a download), or the time
+    a step has taken so far (an engine being installed: `{step, elapsed_s}`)."""
+    progress = instance.get("progress")
+    if not isinstance(progress, dict):
+        return ""
+    done = progress.get("done_bytes", progress.get("downloaded_bytes"))
+    total = progress.get("total_bytes")
+    if done is not None and total:
+        return f"{100 * done / total:.0f}%"
+    if progress.get("elapsed_s") is not None:
+        return span(progress["elapsed_s"])
     return ""
 
 

@@ -70,8 +70,11 @@ class ModelsView(View):
 
     def _backend(self, model: dict[str, Any]) -> str:
         name = model.get("backend") or "-"
-        version = model.get("backend_version")
-        if not version:                   # the version the nodes running it report
+        version = model.get("backend_version") or next(
+            (i["engine"]["version"] for i in self.app.model.instances.values()
+             if i.get("model") == model["name"] and (i.get("engine") or {}).get("version")),
+            None)                         # the version its instances run
+        if not version:                   # else the version the nodes offer
             for node in self.app.model.nodes.values():
                 if found := (node.get("backends") or {}).get(name, {}).get("version"):
                     version = found
