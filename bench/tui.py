@@ -45,6 +45,11 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+# A private tmux server (its own socket) for this run, kept up by one idle session: the
+# consoles come and go without racing the server's own exit, and no one else's tmux is touched.
+TMUX = ("tmux", "-L", f"gm-bench-{uuid.uuid4().hex[:8]}")
+
+
 class Console:
     """`gpumesh tui` in a detached tmux session of a given size."""
 
@@ -60,7 +65,7 @@ class Console:
                   f"sys.exit(run({self.url!r}, {ADMIN_KEY!r}))")
         command = f"cd {tempfile.gettempdir()} && exec {sys.executable} -c \"{script}\""
         started = time.monotonic()
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x",
+        subprocess.run([*TMUX, "new-session", "-d", "-s", self.session, "-x",
                         str(self.size[0]), "-y", str(self.size[1]), command], check=True)
         self.pid = int(self._tmux("display-message", "-p", "-t", self.session,
                                   "#{pane_pid}").strip())
@@ -84,18 +89,31 @@ class Console:
         return 100 * (cpu_seconds(self.pid) - before) / (time.monotonic() - t0)
 
     def stop(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+        subprocess.run([*TMUX, "kill-session", "-t", self.session], capture_output=True)
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", *args], capture_output=True, text=True,
+        return subprocess.run([*TMUX, *args], capture_output=True, text=True,
                               check=True).stdout
 
 
+def import_seconds() -> float:
+    """Python start plus importing the console (Textual, aiohttp): the floor of any paint."""
+    runs = []
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import gpumesh.tui.app"], check=True,
+                       cwd=tempfile.gettempdir())
+        runs.append(time.monotonic() - started)
+    return statistics.median(runs)
+
+
 def main() -> None:
+    subprocess.run([*TMUX, "new-session", "-d", "-s", "keeper", "sleep 86400"], check=True)
     sim = SimCluster(NODES, GPUS, live=True, history=300, models=6).start()
     print(f"simulated cluster: {NODES} nodes × {GPUS} GPUs = {NODES * GPUS} GPUs, "
           f"telemetry at 1 Hz, 300 s of history on attach; load avg {os.getloadavg()[0]:.1f}")
     try:
+        print(f"python start + imports alone: median {import_seconds():.2f} s")
         for size in SIZES:
             starts = []
             for _ in range(STARTS):
@@ -120,6 +138,7 @@ def main() -> None:
                 console.stop()
     finally:
         sim.stop()
+        subprocess.run([*TMUX, "kill-server"], capture_output=True)
     print("reference (CONSOLE-NOTES, a Textual prototype, 128 GPU rows + 4 braille charts at "
           "1 Hz): 2.2–2.4 % at 80×24, 5.0 % at 200×50, 43–51 MB RSS. nvitop needs an NVIDIA "
           "driver (NVML) to run at all, which this machine has not.")

@@ -121,23 +121,24 @@ def test_16_colour_terminal_gets_only_the_16_ansi_colours(sim: SimCluster, tmp_p
     """SVG snapshots are always truecolor, so this runs the console in a real terminal (tmux)
     told to use 16 colours, and reads the screen back with its escape codes: the ANSI theme
     is chosen by itself, and no 256-colour or truecolor sequence is drawn."""
-    session = f"gm-tui16-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-L", f"gm-tui16-{uuid.uuid4().hex[:8]}"]     # a private server
+    session = "console"
     script = f"from gpumesh.tui import run; run({sim.url!r}, {ADMIN_KEY!r})"
     command = f"TEXTUAL_COLOR_SYSTEM=standard exec {sys.executable} -c \"{script}\""
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
                     "-c", str(tmp_path), command], check=True)
     try:
         screen = ""
         deadline = time.monotonic() + WAIT_S
         while "● live" not in screen and time.monotonic() < deadline:
             time.sleep(0.2)
-            screen = _capture(session)
+            screen = _capture(tmux, session)
         assert "● live" in screen, screen
-        subprocess.run(["tmux", "send-keys", "-t", session, "2"], check=True)
+        subprocess.run([*tmux, "send-keys", "-t", session, "2"], check=True)
         deadline = time.monotonic() + WAIT_S
-        while "H200" not in _capture(session) and time.monotonic() < deadline:
+        while "H200" not in _capture(tmux, session) and time.monotonic() < deadline:
             time.sleep(0.2)
-        screen = _capture(session, escapes=True)
+        screen = _capture(tmux, session, escapes=True)
         assert "H200" in screen
         codes = [set(c.split(";")) for c in re.findall(r"\x1b\[([0-9;]*)m", screen)]
         assert codes and not [c for c in codes if c & {"38", "48"}], "256/true colour drawn"
@@ -146,9 +147,9 @@ def test_16_colour_terminal_gets_only_the_16_ansi_colours(sim: SimCluster, tmp_p
         assert colours and all(30 <= int(c) <= 37 or 40 <= int(c) <= 47 or 90 <= int(c) <= 97
                                or 100 <= int(c) <= 107 for c in colours), colours
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
-def _capture(session: str, escapes: bool = False) -> str:
-    args = ["tmux", "capture-pane", "-p", "-t", session] + (["-e"] if escapes else [])
+def _capture(tmux: list[str], session: str, escapes: bool = False) -> str:
+    args = [*tmux, "capture-pane", "-p", "-t", session] + (["-e"] if escapes else [])
     return subprocess.run(args, capture_output=True, text=True).stdout

@@ -128,9 +128,10 @@ class GpumeshConsole(App[int]):
 
     async def _read_stream(self, url: str) -> str:
         """Apply events until the stream ends; returns why it ended."""
-        history = self.history_s if not self.model.series else min(self.history_s, 60)
         try:
-            async for event, data in self.client.events(url, history=history):
+            # The window again on every attach: it replaces what the charts held, so a gap
+            # while reconnecting is filled from the node's own ring buffers.
+            async for event, data in self.client.events(url, history=self.history_s):
                 self.apply(event, data)
                 if event == "snapshot":
                     self.failures = 0
