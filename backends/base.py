@@ -90,6 +90,12 @@ class Backend(abc.ABC):
     runs_on_cpu: bool = False
     container_only: bool = False            # no Python package: runs from an image only
     health_path: str = "/health"            # GET returns 200 once the model is loaded
+    # Engine flags gpumesh sets itself (where it listens, what it loads, its key): a
+    # deployment's `args` may not name them (mesh/deployments.py answers 400).
+    reserved_flags: frozenset[str] = frozenset({"--host", "--port", "--api-key"})
+    # Whether the engine keeps a connection open after a streamed answer. The gateway pools
+    # engine connections; one the engine is about to close would fail the next request.
+    keeps_stream_connections: bool = True
 
     @abc.abstractmethod
     def version(self) -> str:

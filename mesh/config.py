@@ -12,6 +12,10 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .gateway import GatewaySettings
 
 from .probes import PROBE_KINDS
 
@@ -85,6 +89,18 @@ class Config:
                                                      "env": "GPUMESH_ENGINE_HEALTHY_UPTIME"})
     log_level: str = field(default="info",
                            metadata={"flag": "--log-level", "env": "GPUMESH_LOG_LEVEL"})
+    # The gateway: the largest request body, and how long engines may stay silent.
+    max_body_mib: int = field(default=32, metadata={"flag": "--max-body-mib",
+                                                    "env": "GPUMESH_MAX_BODY_MIB"})
+    engine_connect_timeout_s: float = field(
+        default=5.0, metadata={"flag": "--engine-connect-timeout",
+                               "env": "GPUMESH_ENGINE_CONNECT_TIMEOUT"})
+    engine_response_timeout_s: float = field(
+        default=600.0, metadata={"flag": "--engine-response-timeout",
+                                 "env": "GPUMESH_ENGINE_RESPONSE_TIMEOUT"})
+    stream_idle_timeout_s: float = field(
+        default=120.0, metadata={"flag": "--stream-idle-timeout",
+                                 "env": "GPUMESH_STREAM_IDLE_TIMEOUT"})
 
     @classmethod
     def from_sources(cls, flags: dict[str, object]) -> "Config":
@@ -145,6 +161,16 @@ class Config:
                               f"got {self.log_level!r}")
         if not self.node_name or len(self.node_name) > 63:
             raise ConfigError("--node-name must be 1 to 63 characters")
+        self.max_body_mib = _int(self.max_body_mib, "max_body_mib", 1)
+        for name in ("engine_connect_timeout_s", "engine_response_timeout_s",
+                     "stream_idle_timeout_s"):
+            setattr(self, name, _seconds(getattr(self, name), name))
+
+    def gateway_settings(self) -> "GatewaySettings":
+        from .gateway import GatewaySettings   # the gateway's imports only where it runs
+        return GatewaySettings(connect_timeout_s=self.engine_connect_timeout_s,
+                               response_timeout_s=self.engine_response_timeout_s,
+                               stream_idle_timeout_s=self.stream_idle_timeout_s)
 
     @property
     def api_url(self) -> str:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -35,6 +36,9 @@ from gpumesh.backends.versions import BackendVersions, backends_dir
 
 from .agent import NodeAgent
 from .api import ManagementApi
+from .api_access import AccessApi
+from .api_usage import UsageApi
+from .auth import Authenticator, forward_token
 from .api_events import EventStream
 from .banner import print_banner
 from .cluster_api import ClusterApi, ClusterContext
@@ -42,7 +46,10 @@ from .config import Config
 from .datadir import DataDir, DataDirInUse, DataDirLock
 from .errors import error_middleware
 from .events import log_state_changes
-from .gateway import Gateway
+from .gateway import Gateway, GatewaySettings, RouteTable
+from .limits import Limiter
+from .metering import Meter
+from .metrics import GatewayMetrics
 from .discovery import Discovery, DiscoveryError, mdns_address
 from .joining import JoinError
 from .liveness import LivenessMonitor
@@ -192,12 +199,18 @@ class Daemon:
         context = ClusterContext(self.identity.cluster_id, self.identity.secret,
                                  self.config.api_url, self.config.raft_address)
         app = http_app(self.store, self.node_id, self.session, self.started,
-                       lambda: self.backends, cluster=context, log_dir=self.data.root / "logs")
+                       lambda: self.backends, cluster=context, log_dir=self.data.root / "logs",
+                       node_secret=self.data.engine_secret(),
+                       settings=self.config.gateway_settings(),
+                       max_body_bytes=self.config.max_body_mib << 20)
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
-        app.cleanup_ctx.extend([
-            self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
-            self._agent_part, self._reconciler_part, self._liveness_part, self._event_log_part,
-        ])
+        # The daemon's parts come before the one http_app registered (the gateway's meter
+        # and stream watchdog): that one starts once the store runs and stops before it.
+        for index, part in enumerate([
+                self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
+                self._agent_part, self._reconciler_part, self._liveness_part,
+                self._event_log_part]):
+            app.cleanup_ctx.insert(index, part)
         return app
 
     # --- the parts, in start-up order ------------------------------------------------------
@@ -266,7 +279,8 @@ class Daemon:
                                on_installed=self._refresh_backends,
                                timings=Timings(
                                    health_interval_s=self.config.engine_health_interval_s,
-                                   healthy_uptime_s=self.config.engine_healthy_uptime_s))
+                                   healthy_uptime_s=self.config.engine_healthy_uptime_s),
+                               engine_secret=self.data.engine_secret())
         await self.agent.recover()                  # before the site binds: no stale "running"
         async with _owned_task(self.agent.run(), "node-agent"):
             yield
@@ -347,20 +361,48 @@ class Daemon:
 def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
              started: float, backends: Callable[[], list[dict[str, object]]],
              cluster: ClusterContext | None = None,
-             log_dir: Path | None = None) -> web.Application:
-    """The HTTP surface of a node: errors in OpenAI's shape, the admin check on /api, the
-    management routes and the gateway. The daemon adds its lifecycle parts; tests serve it
-    as it is, in-process."""
-    api = ManagementApi(store, node_id, started, backends)
-    app = web.Application(middlewares=[error_middleware, api.require_admin],
-                          client_max_size=16 << 20)
-    api.add_routes(app)
+             log_dir: Path | None = None, *, cluster_secret: str | None = None,
+             node_secret: bytes | None = None,
+             settings: GatewaySettings | None = None,
+             max_body_bytes: int = 32 << 20) -> web.Application:
+    """The HTTP surface of a node: errors in OpenAI's shape, one auth middleware for /v1 and
+    /api, the management routes, the gateway and /metrics. The daemon adds its lifecycle
+    parts; tests serve it as it is, in-process.
+
+    The cluster's secret (`cluster.secret`, or `cluster_secret` without a cluster context)
+    is what gateways show each other (as an HMAC); `node_secret` is this node's own: its
+    engines' keys derive from it. Left out, each is random: a node alone, whose engines are
+    started by this process.
+    """
+    if cluster is not None:
+        cluster_secret = cluster.secret
+    cluster_secret = cluster_secret or secrets.token_urlsafe(32)
+    auth = Authenticator(lambda: store.view, cluster_secret)
+    app = web.Application(middlewares=[error_middleware, auth.middleware],
+                          client_max_size=max_body_bytes)
+    ManagementApi(store, node_id, started, backends).add_routes(app)
     ClusterApi(store, node_id, started, session, cluster).add_routes(app)
+    AccessApi(store).add_routes(app)
+    UsageApi(store).add_routes(app)
     add_telemetry_routes(app, node_id)
     EventStream(store, node_id, session).add_routes(app)
     InstanceLogs(store, node_id, session, log_dir).add_routes(app)
-    Gateway(store, node_id, session).add_routes(app)
+    limiter = Limiter(node_id, lambda: store.view.rates)
+    Gateway(store, node_id, session,
+            routes=RouteTable(lambda: store.view, node_id,
+                              node_secret or secrets.token_bytes(32),
+                              forward_token(cluster_secret)),
+            limiter=limiter, meter=Meter(store, node_id, limiter),
+            metrics=GatewayMetrics(node_id, lambda: _latest_gpus(app)),
+            settings=settings or GatewaySettings()).add_routes(app)
     return app
+
+
+def _latest_gpus(app: web.Application) -> list[dict[str, Any]]:
+    """The GPUs of the telemetry sampler's last sample (none when served without one)."""
+    sampler = app.get(TELEMETRY)
+    sample = sampler.latest() if sampler is not None else None
+    return list(sample.get("gpus") or []) if sample else []
 
 
 @contextlib.asynccontextmanager

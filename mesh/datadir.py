@@ -6,6 +6,7 @@ Layout (all created 0700/0600 because the Raft journal and the secret are sensit
     <data-dir>/cluster.secret   the cluster secret (Raft transport password)
     <data-dir>/cluster.json     the cluster this node belongs to: its id, the Raft members
                                 last seen, whether the join completed
+    <data-dir>/engine.secret    this node's own secret: its engines' keys derive from it
     <data-dir>/admin.key        the first admin API key, written once on first start
     <data-dir>/endpoint.json    where the running (or last) daemon listens, for the CLI
     <data-dir>/raft/journal     pysyncobj's journal
@@ -146,6 +147,12 @@ class DataDir:
 
     def has_journal(self) -> bool:
         return any(self.journal_file.parent.glob("*"))
+    def engine_secret(self) -> bytes:
+        """This node's secret for its engines' per-instance keys; never leaves the node."""
+        path = self.root / "engine.secret"
+        if not path.exists():
+            _write_private(path, secrets.token_hex(32) + "\n")
+        return bytes.fromhex(path.read_text().strip())
 
     def write_admin_key(self, key: str) -> Path:
         _write_private(self.admin_key_file, key + "\n")

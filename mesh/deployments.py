@@ -71,6 +71,7 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     kind = _kind(spec.get("kind"), source)
     backend, version = _backend(spec.get("backend"), model_format, kind)
     image = _image(spec.get("image"), backend)
+    _refuse_reserved_flags(args, backend)
     return {
         "name": name,
         "source": source,
@@ -229,6 +230,18 @@ def _optional_positive_int(value: Any, param: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DeploymentError(f"{param} must be a positive whole number", param)
     return value
+
+
+def _refuse_reserved_flags(args: list[str], backend: Any) -> None:
+    """Flags gpumesh sets itself cannot come from a deployment: an engine on another
+    address, port or key would be out of the gateway's reach (or open to anyone)."""
+    reserved = getattr(backend, "reserved_flags", frozenset())
+    taken = sorted({arg.split("=", 1)[0] for arg in args} & reserved)
+    if taken:
+        raise DeploymentError(
+            f"args may not set {', '.join(taken)}: gpumesh sets "
+            f"{'it' if len(taken) == 1 else 'them'} for {backend.name} (where the engine "
+            f"listens, what it loads and the key only the gateway knows)", "args")
 
 
 def _args(value: Any) -> list[str]:

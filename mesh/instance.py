@@ -37,6 +37,7 @@ from gpumesh.modelfiles import ModelFileError, find_mmproj, resolve_model_file
 
 from .runtimes.base import EngineHandle, EngineStartError, Runtime, StartRequest
 from .runtimes.logfile import log_files
+from .auth import engine_key
 from .sources import SourceError, fetch_source
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
@@ -75,8 +76,10 @@ class InstanceSupervisor:
                  session: aiohttp.ClientSession, model_cache: Path, log_file: Path,
                  versions: BackendVersions, runtimes: Callable[[LaunchSpec], Runtime],
                  timings: Timings = Timings(),
-                 on_installed: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_installed: Callable[[], Awaitable[None]] | None = None,
+                 engine_secret: bytes | None = None) -> None:
         self.instance_id = instance_id
+        self._engine_secret = engine_secret
         self._node_id = node_id
         self._store = store
         self._session = session
@@ -242,7 +245,11 @@ class InstanceSupervisor:
             kind=kind, memory_bytes=allocation.get("memory_bytes"),
             device_memory_bytes=self._device_memory(allocation),
             weights_bytes=estimate.get("weights_bytes"), engine_home=engine.home,
-            image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None)
+            image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None,
+            # Only this node's gateway can compute it (mesh/auth.py): nothing else on the
+            # host can call the engine.
+            api_key=(engine_key(self._engine_secret, self.instance_id)
+                     if self._engine_secret is not None else None))
 
     def _device_memory(self, allocation: dict[str, Any]) -> int | None:
         """The smallest total memory among this instance's GPUs (from the node's inventory)."""

@@ -34,7 +34,7 @@ import aiohttp
 from gpumesh import __version__
 from gpumesh.backends.registry import node_backends
 
-from .auth import ADMIN, new_api_key
+from .auth import ADMIN, new_api_key, new_user
 from .config import Config
 from .datadir import DataDir
 from .joining import JoinError, JoinRequest, JoinToken, loopback_mismatch, open_reply, parse_token
@@ -294,9 +294,11 @@ async def bootstrap_admin_key(store: ClusterStore, data: DataDir) -> None:
         return
     if not store.status.is_leader:
         return
-    key, record = new_api_key("admin", ADMIN)
+    key, record = new_api_key("admin", ADMIN, user="admin")
     try:
-        await store.submit({"op": "create_api_key", "key": record, "only_if_no_admin": True})
+        # The first key belongs to the first user, `admin`, made in the same command.
+        await store.submit({"op": "create_api_key", "key": record, "only_if_no_admin": True,
+                            "create_user": new_user("admin", ADMIN)})
     except CommandRejected:
         return                                  # another start minted it first
     path = data.write_admin_key(key)

@@ -86,6 +86,23 @@ class StateView:
     def join_tokens(self) -> dict[str, dict[str, Any]]:
         return self._state.get("join_tokens", {})   # absent from snapshots made before it
 
+    @property
+    def users(self) -> dict[str, dict[str, Any]]:
+        return self._state.get("users", _EMPTY)
+
+    @property
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Metered usage by hour: {hour start (str): {row id: row}} (commands/usage.py)."""
+        return self._state.get("usage", _EMPTY)
+
+    @property
+    def rates(self) -> dict[str, dict[str, Any]]:
+        """Each node's last report of its limit counters (commands/usage.py)."""
+        return self._state.get("rates", _EMPTY)
+
+
+_EMPTY: dict[str, Any] = {}
+
 
 class _ReplicatedDocument(SyncObjConsumer):
     """The replicated collections. pysyncobj snapshots every attribute set after __init__."""
@@ -183,6 +200,11 @@ class ClusterStore:
     @property
     def status(self) -> RaftStatus:
         return self._status
+
+    @property
+    def running(self) -> bool:
+        """Between start() and stop(): writes can be attempted."""
+        return self._raft is not None
 
     @property
     def view(self) -> StateView:

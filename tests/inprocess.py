@@ -10,6 +10,7 @@ parts would.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -32,11 +33,19 @@ def raft_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "gpumesh-raft"]
 
 
+CLUSTER_SECRET = "test-cluster-secret"
+
+
 def new_store(directory: Path) -> ClusterStore:
     return ClusterStore(self_address=f"127.0.0.1:{free_port()}", partners=[],
                         journal_file=directory / "raft.journal",
                         snapshot_file=directory / "raft.snapshot",
-                        secret="test-cluster-secret", bind_host="127.0.0.1")
+                        secret=CLUSTER_SECRET, bind_host="127.0.0.1")
+
+
+def node_secret(node_id: str) -> bytes:
+    """The engine secret of an in-process node (tests start engines with its keys)."""
+    return hashlib.sha256(b"test-engine-secret:" + node_id.encode()).digest()
 
 
 class InProcessNode:
@@ -44,7 +53,8 @@ class InProcessNode:
     gateways of several nodes share one replicated state), and any extra apps a test adds."""
 
     def __init__(self, directory: Path, node_ids: tuple[str, ...],
-                 backends: list[dict[str, Any]] | None = None, started: float | None = None):
+                 backends: list[dict[str, Any]] | None = None, started: float | None = None,
+                 **app_options: Any):
         self.directory = directory
         self.node_ids = node_ids
         self.backends = backends or []
@@ -55,6 +65,8 @@ class InProcessNode:
         self.store: ClusterStore | None = None
         self.servers: list[TestServer] = []
         self.urls: list[str] = []
+        self.apps: list[web.Application] = []
+        self.app_options = app_options      # more http_app keywords (settings …)
 
     @property
     def url(self) -> str:
@@ -97,7 +109,9 @@ class InProcessNode:
         self.session = aiohttp.ClientSession()
         for node_id in self.node_ids:
             app = http_app(self.store, node_id, self.session, self.started,
-                           lambda: self.backends)
+                           lambda: self.backends, cluster_secret=CLUSTER_SECRET,
+                           node_secret=node_secret(node_id), **self.app_options)
+            self.apps.append(app)
             server = await self._serve(app)
             self.urls.append(f"http://127.0.0.1:{server.port}")
 

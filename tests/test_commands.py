@@ -53,7 +53,7 @@ def _apply_refused(state: dict, command: dict, code: str) -> dict:
 
 
 def _populated() -> dict:
-    """Two nodes, two models, three instances, one admin key."""
+    """Two nodes, two models, three instances, one admin key and one user key."""
     state = empty_state()
     commands = [
         {"op": "upsert_node", "node": _node("n1")},
@@ -64,6 +64,7 @@ def _populated() -> dict:
         {"op": "create_instance", "instance": _instance("i2", "m1", "n2")},
         {"op": "create_instance", "instance": _instance("i3", "m2", "n1")},
         {"op": "create_api_key", "key": _key("k1", "admin")},
+        {"op": "create_api_key", "key": _key("u0", "user")},
     ]
     for command in commands:
         state, _ = _apply_ok(state, command)
@@ -75,7 +76,7 @@ def _populated() -> dict:
 def test_empty_state_has_every_collection_empty():
     state = empty_state()
     assert set(state) == set(COLLECTIONS) == {"nodes", "models", "instances", "api_keys",
-                                                "join_tokens"}
+                                                "join_tokens", "users", "usage", "rates"}
     assert all(state[name] == {} for name in COLLECTIONS)
 
 
@@ -289,15 +290,21 @@ def test_only_if_no_admin_ignores_user_keys():
 
 def test_second_admin_without_the_condition_is_allowed():
     state, _ = _apply_ok(_populated(), {"op": "create_api_key", "key": _key("k2", "admin")})
-    assert len(state["api_keys"]) == 2
+    assert len(state["api_keys"]) == 3
 
 
 def test_delete_api_key_by_id():
-    state = _populated()
+    state, _ = _apply_ok(_populated(), {"op": "create_api_key", "key": _key("k2", "admin")})
     new_state, result = _apply_ok(state, {"op": "delete_api_key", "id": "k1"})
     assert result == {"ok": True}
-    assert new_state["api_keys"] == {}
-    assert state["api_keys"] != {}
+    assert set(new_state["api_keys"]) == {"hash-k2", "hash-u0"}
+    assert set(state["api_keys"]) == {"hash-k1", "hash-k2", "hash-u0"}
+
+
+def test_delete_api_key_refuses_the_last_admin_key():
+    result = _apply_refused(_populated(), {"op": "delete_api_key", "id": "k1"},
+                            "last_admin_key")
+    assert "k1" in result["error"]
 
 
 def test_delete_api_key_refuses_unknown_id():
@@ -410,7 +417,7 @@ CHANGES = {
                         {"instances"}),
     "delete_instance": ({"op": "delete_instance", "id": "i1"}, {"instances"}),
     "create_api_key": ({"op": "create_api_key", "key": _key("u1", "user")}, {"api_keys"}),
-    "delete_api_key": ({"op": "delete_api_key", "id": "k1"}, {"api_keys"}),
+    "delete_api_key": ({"op": "delete_api_key", "id": "u0"}, {"api_keys"}),
 }
 
 

@@ -16,6 +16,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -78,6 +80,24 @@ def test_deploy_wait_then_serve_chat_through_openai_client(daemon: Daemon,
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_the_engine_takes_only_its_gateways_key(daemon: Daemon) -> None:
+    """The agent starts each engine with a per-instance key derived from the node's own
+    secret: on the host, nothing but this node's gateway can call it (issue 17)."""
+    code, body = daemon.api("/api/instances")
+    port = next(i["port"] for i in body["data"] if i["model"] == "tiny")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+        data=json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json",
+                 "Authorization": f"Bearer {daemon.admin_key}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    log = (daemon.data_dir / "logs").glob("*.log")
+    secret = (daemon.data_dir / "engine.secret").read_text().strip()
+    assert all(secret not in path.read_text(errors="replace") for path in log)
 
 
 def test_streamed_chat_arrives_in_order_with_usage(daemon: Daemon) -> None:

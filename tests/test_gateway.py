@@ -354,7 +354,7 @@ def test_a_streamed_chat_is_relayed_as_sse_in_order(gw) -> None:
     ("/v1/chat/completions", {"model": "tiny", "messages": "not a list"}),
     ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": "many"}),
     ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "grammar": "root ::= ???"}),
-    ("/v1/embeddings", {"model": "tiny", "input": "hello"}),   # started without --embeddings
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", 5, None]}),
 ])
 def test_engine_errors_are_passed_through_unchanged(gw, engine, path, body) -> None:
     direct = asyncio.run(http_request(engine.url + path, "POST", json_body=body))
@@ -364,6 +364,21 @@ def test_engine_errors_are_passed_through_unchanged(gw, engine, path, body) -> N
     assert reply.raw == direct.raw
     assert reply.headers["Content-Type"] == direct.headers["Content-Type"]
     assert reply.body["error"]["message"] == direct.body["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/embeddings", {"model": "tiny", "input": "hello"}),
+    ("/v1/rerank", {"model": "tiny", "query": "q", "documents": ["a"]}),
+    ("/v1/audio/speech", {"model": "tiny", "input": "hello", "voice": "x"}),
+])
+def test_a_route_the_models_kind_does_not_serve_is_400(gw, path, body) -> None:
+    """`tiny` has no kind recorded: an llm, which answers chat and completions only. The
+    gateway says so instead of relaying the engine's own 404 or 501."""
+    reply = gw(path, json_body=body)
+    assert reply.status == 400, reply
+    assert reply.error["code"] == "wrong_model_kind"
+    assert reply.error["param"] == "model"
+    assert f"does not serve {path}" in reply.error["message"]
 
 
 # --- choosing an instance ------------------------------------------------------------------------

@@ -16,13 +16,13 @@ import sys
 from gpumesh import __version__
 
 from ..client import ApiError
-from . import cluster, daemon, engines, models, tui
+from . import access, cluster, daemon, engines, models, tui, usage
 from .output import EXIT_CODES_HELP, CliError, Exit, error_from_api, print_error
 
 __all__ = ["build_parser", "main"]
 
 # The command groups, in the order `gpumesh --help` lists them.
-_GROUPS = (daemon, models, engines, cluster, tui)
+_GROUPS = (daemon, models, engines, cluster, access, usage, tui)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ def cmd_up(args: argparse.Namespace) -> int:
              ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
               "gpus", "reserved_memory_mib", "engine_health_interval_s",
               "engine_healthy_uptime_s", "log_level", "advertise", "join", "token",
-              "discovery", "mdns_interface")}
+              "discovery", "mdns_interface", "max_body_mib", "engine_connect_timeout_s",
+              "engine_response_timeout_s", "stream_idle_timeout_s")}
     try:
         config = Config.from_sources(flags)
     except ConfigError as exc:
@@ -69,4 +70,13 @@ def register(sub: Any) -> None:
     cluster.add_argument("--mdns-interface", metavar="IFACE",
                          help="the one interface mDNS uses (default: the advertised "
                               "address's)")
+    up.add_argument("--max-body-mib", type=int,
+                    help="largest request body the gateway takes (default 32)")
+    up.add_argument("--engine-connect-timeout", dest="engine_connect_timeout_s", type=float,
+                    help="seconds to connect to an engine or a peer (default 5)")
+    up.add_argument("--engine-response-timeout", dest="engine_response_timeout_s", type=float,
+                    help="seconds an engine may take before its answer begins (default 600)")
+    up.add_argument("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float,
+                    help="seconds a stream may go without a chunk before it is cut "
+                    "(default 120)")
     up.set_defaults(command="up", handler=cmd_up)

@@ -1,0 +1,336 @@
+"""The OpenAI-compatible gateway, served by every node under /v1.
+
+A request arrives authenticated (mesh/auth.py put its `Principal` on it). The gateway finds
+the model in the body, checks the key may use it and the model's kind serves the route,
+admits it under the key's and user's limits, routes it to a running instance (least
+outstanding requests first, any node), and relays the answer byte for byte, streamed as it
+arrives. Then it settles: the limiter learns the tokens, the meter counts the request, the
+metrics observe it.
+
+Engines listen on loopback and check a per-instance key that only this node can compute.
+An instance on another node is reached through that node's gateway, with the cluster's
+forward token and `X-Gpumesh-Instance` naming the instance: the peer hands it to its engine
+and does nothing else (this node has limited and will meter it). Before the first byte, a
+refused connection, an answer that breaks before its first byte, or a peer that says its
+instance is gone (`X-Gpumesh-Retry`) moves to the next instance (nothing has reached the
+client: this is what keeps requests alive while a node or the leader dies), and a stale
+pooled connection is retried once on the same instance. After it, a broken stream is continued on another replica where the
+request allows it (failover.py), else the client's connection is cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from gpumesh.modelfiles.kinds import kind_serves
+
+from ..auth import PRINCIPAL, Principal
+from ..errors import openai_error
+from ..limits import Limiter, Refusal, Ticket
+from ..metering import Meter
+from ..metrics import GatewayMetrics
+from ..state import ClusterStore
+from .endpoints import ENDPOINTS, Endpoint, ask_for_usage, read_model
+from .failover import can_continue, continuation
+from .relay import (RETRY_HEADER, Exchange, StreamBroken, StreamWatchdog, TryAnotherInstance,
+                    relay_answer)
+from .routing import INSTANCE_HEADER, ModelRoute, RouteTable, Target
+
+__all__ = ["Gateway", "GatewaySettings"]
+
+log = logging.getLogger("gpumesh.gateway")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    connect_timeout_s: float = 5.0        # to an engine or a peer gateway
+    response_timeout_s: float = 600.0     # an engine's silence before its answer begins
+    stream_idle_timeout_s: float = 120.0  # an engine's silence between stream chunks
+    max_attempts: int = 3                 # instances tried before the first byte
+
+
+class Gateway:
+    def __init__(self, store: ClusterStore, node_id: str, session: aiohttp.ClientSession, *,
+                 routes: RouteTable, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
+                 settings: GatewaySettings) -> None:
+        self._store = store
+        self._node_id = node_id
+        self._session = session
+        self._routes = routes
+        self._limiter = limiter
+        self._meter = meter
+        self._metrics = metrics
+        self._settings = settings
+        self._outstanding: Counter[str] = Counter()   # instance id -> requests in flight
+        self._watchdog = StreamWatchdog(settings.stream_idle_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                              sock_read=settings.response_timeout_s)
+        self._endpoints = {e.path: e for e in ENDPOINTS}
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.list_models)
+        for endpoint in ENDPOINTS:
+            app.router.add_post(endpoint.path, self.relay)
+        app.router.add_get("/metrics", self._metrics.handle)
+        app.cleanup_ctx.append(self._background)
+
+    async def _background(self, app: web.Application) -> AsyncIterator[None]:
+        """The watchdog and the meter's folds run while the app does; the last fold runs
+        when it stops (after the site stopped taking requests)."""
+        tasks = [asyncio.create_task(self._watchdog.run(), name="stream-watchdog"),
+                 asyncio.create_task(self._meter.run(), name="usage-folds")]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._meter.stop()
+
+    # --- handlers --------------------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        principal = request[PRINCIPAL]
+        view = self._store.view
+        data = [{"id": name, "object": "model", "created": int(model["created"]),
+                 "owned_by": "gpumesh", "kind": model.get("kind") or "llm",
+                 "ready": any(i["state"] == "running" for i in view.instances_of(name))}
+                for name, model in sorted(view.models.items()) if principal.may_use(name)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def relay(self, request: web.Request) -> web.StreamResponse:
+        endpoint = self._endpoints[request.path]
+        principal = request[PRINCIPAL]
+        started = asyncio.get_running_loop().time()
+        body = await request.read()
+        parsed = read_model(endpoint, body, request.headers.get("Content-Type", ""))
+        if isinstance(parsed, web.Response):
+            return parsed
+        model_name, payload = parsed
+        route = self._routes.route(model_name)
+        if route is None:
+            return openai_error(404, f"The model '{model_name}' does not exist",
+                                code="model_not_found", param="model")
+        if not principal.may_use(model_name):
+            return openai_error(403, f"This API key may not use the model '{model_name}'",
+                                code="model_not_allowed", param="model")
+        if not kind_serves(route.kind, endpoint.upstream):
+            return openai_error(400, f"The model '{model_name}' is a {route.kind or 'llm'} "
+                                f"model: it does not serve {endpoint.path}",
+                                code="wrong_model_kind", param="model")
+        targets = self._targets(request, principal, route)
+        if isinstance(targets, web.Response):
+            return targets
+        if principal.is_node:     # another gateway of the cluster limited and meters it
+            return await self._answer(request, endpoint, targets, body, None,
+                                      Exchange(started), forwarded=True)
+        ticket: Ticket | Refusal = self._limiter.admit(principal) if principal.limited else ()
+        exchange = Exchange(started)
+        response: web.StreamResponse | None = None
+        try:
+            if isinstance(ticket, Refusal):
+                response = openai_error(429, ticket.message, code="rate_limit_exceeded",
+                                        param=ticket.limit,
+                                        headers={"Retry-After": str(ticket.retry_after_s)})
+                return response
+            response = await self._answer(request, endpoint, targets, body, payload, exchange)
+            return response
+        finally:
+            self._settle(principal, ticket, route, endpoint, exchange, response)
+
+    # --- routing and forwarding -------------------------------------------------------------
+
+    def _targets(self, request: web.Request, principal: Principal,
+                 route: ModelRoute) -> list[Target] | web.Response:
+        """Running instances, least outstanding first (local ones win ties: one hop fewer);
+        a pinned instance alone. Gateways and admins may pin (debugging one replica)."""
+        pinned = request.headers.get(INSTANCE_HEADER)
+        if pinned is not None:
+            if not (principal.is_node or principal.is_admin):
+                return openai_error(403, f"only admin keys may use {INSTANCE_HEADER}",
+                                    type_="permission_error", code="forbidden")
+            targets = [t for t in route.targets if t.instance_id == pinned and t.local]
+        else:
+            targets = route.targets
+            if len(targets) > 1:
+                outstanding = self._outstanding
+                targets = sorted(targets, key=lambda t: (outstanding[t.instance_id], not t.local,
+                                                         t.instance_id))
+        if not targets:
+            return self._no_instance(route.name, pinned=pinned is not None)
+        return targets
+
+    async def _answer(self, request: web.Request, endpoint: Endpoint, targets: list[Target],
+                      body: bytes, payload: dict[str, Any] | None, exchange: Exchange, *,
+                      forwarded: bool = False) -> web.StreamResponse:
+        streamed = payload is not None and endpoint.streams and payload.get("stream") is True
+        if streamed:
+            assert payload is not None
+            exchange.streamed = True
+            body, exchange.strip_usage = ask_for_usage(body, payload)
+            if len(targets) > 1 and can_continue(endpoint, payload):
+                exchange.sent = []
+        content_type = request.headers.get("Content-Type", "application/json")
+        last_error = ""
+        for target in targets[:self._settings.max_attempts]:
+            try:
+                return await self._forward_with_retry(request, endpoint, target, body,
+                                                      content_type, exchange)
+            except StreamBroken as broken:
+                if forwarded or payload is None:
+                    return self._cut(request, broken, exchange)
+                return await self._continue(request, endpoint, payload, targets, target,
+                                            broken, exchange)
+            except aiohttp.SocketTimeoutError:
+                return openai_error(504, f"instance {target.instance_id} did not answer within "
+                                    f"{self._settings.response_timeout_s:g} s",
+                                    type_="server_error", code="upstream_timeout")
+            except (aiohttp.ClientConnectionError, TryAnotherInstance) as exc:
+                # Nothing reached the client yet: another instance may answer.
+                last_error = f"{target.instance_id}: {exc}"
+                log.warning("instance %s unreachable, trying another: %s",
+                            target.instance_id, exc)
+        return openai_error(502, f"no instance of {targets[0].model} answered "
+                            f"({last_error})", type_="server_error", code="upstream_unreachable",
+                            headers={RETRY_HEADER: "another-instance"})
+
+    async def _forward_with_retry(self, request: web.Request, endpoint: Endpoint,
+                                  target: Target, body: bytes, content_type: str,
+                                  exchange: Exchange,
+                                  response: web.StreamResponse | None = None
+                                  ) -> web.StreamResponse:
+        """Forward once more if a pooled connection turns out to be stale.
+
+        Engines close idle keep-alive connections on their own schedule; a request that took
+        such a connection from the pool fails before its first byte. That says nothing about
+        the engine, so it is retried on the same instance. Failing to connect at all
+        (ClientConnectorError, a connect timeout) does say the engine is not there.
+        """
+        try:
+            return await self._forward(request, endpoint, target, body, content_type,
+                                       exchange, response)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError):
+            raise
+        except aiohttp.ClientConnectionError as exc:
+            log.debug("instance %s: stale pooled connection (%s); retrying",
+                      target.instance_id, exc)
+            return await self._forward(request, endpoint, target, body, content_type,
+                                       exchange, response, fresh=True)
+
+    async def _forward(self, request: web.Request, endpoint: Endpoint, target: Target,
+                       body: bytes, content_type: str, exchange: Exchange,
+                       response: web.StreamResponse | None,
+                       fresh: bool = False) -> web.StreamResponse:
+        headers = {"Content-Type": content_type, **target.headers}
+        if fresh or (exchange.streamed and not target.keeps_stream_connections):
+            # The engine answers `Connection: close`: this connection never enters the pool.
+            headers["Connection"] = "close"
+        exchange.instance, exchange.served_by = target.instance_id, target.node_id
+        self._outstanding[target.instance_id] += 1
+        if target.local:
+            self._metrics.in_flight[(target.model, target.instance_id)] += 1
+        try:
+            async with self._session.post(target.base_url + endpoint.upstream, data=body,
+                                          headers=headers, timeout=self._timeout) as upstream:
+                if not target.local and RETRY_HEADER in upstream.headers:
+                    # The peer says its instance is gone and nothing was sent.
+                    raise TryAnotherInstance(f"node {target.node_id}: HTTP {upstream.status}, "
+                                             "its instance is gone")
+                self._watchdog.watch(exchange)
+                try:
+                    return await relay_answer(request, upstream, exchange, response)
+                finally:
+                    self._watchdog.forget(exchange)
+        finally:
+            self._outstanding[target.instance_id] -= 1
+            if self._outstanding[target.instance_id] <= 0:
+                del self._outstanding[target.instance_id]
+            if target.local:
+                self._metrics.in_flight[(target.model, target.instance_id)] -= 1
+
+    async def _continue(self, request: web.Request, endpoint: Endpoint,
+                        payload: dict[str, Any], targets: list[Target], failed: Target,
+                        broken: StreamBroken, exchange: Exchange) -> web.StreamResponse:
+        """Continue a broken stream on the other replicas, one after another."""
+        tried = {failed.instance_id}
+        while exchange.sent is not None:
+            plan = continuation(endpoint, payload, exchange.sent)
+            others = [t for t in targets if t.instance_id not in tried]
+            if plan is None or (plan.body is not None and not others):
+                break
+            if not exchange.usage_seen:
+                # The dead engine never reported its tokens: count what it sent.
+                exchange.carried_tokens = plan.tokens_sent
+            if plan.body is None:        # the answer was whole; only its end was lost
+                await broken.response.write(b"data: [DONE]\n\n")
+                await broken.response.write_eof()
+                return broken.response
+            target = others[0]
+            tried.add(target.instance_id)
+            log.warning("stream from instance %s broke after %d token(s) (%s); continuing it "
+                        "on %s", failed.instance_id, plan.tokens_sent, broken, target.instance_id)
+            exchange.rewrite = plan.rewrite
+            try:
+                return await self._forward_with_retry(request, endpoint, target, plan.body,
+                                                      "application/json", exchange,
+                                                      broken.response)
+            except StreamBroken as again:
+                broken, failed = again, target
+            except (aiohttp.ClientError, TryAnotherInstance) as exc:
+                log.warning("instance %s could not continue the stream: %s",
+                            target.instance_id, exc)
+        return self._cut(request, broken, exchange)
+
+    def _cut(self, request: web.Request, broken: StreamBroken,
+             exchange: Exchange) -> web.StreamResponse:
+        # Bytes reached the client and nothing can follow them: cut the connection so the
+        # client sees a broken transfer, not a clean end of stream.
+        log.warning("stream from instance %s broke after the first byte: %s",
+                    exchange.instance, broken)
+        exchange.status = 502
+        if request.transport is not None:
+            request.transport.close()
+        return broken.response
+
+    # --- settling ---------------------------------------------------------------------------
+
+    def _settle(self, principal: Principal, ticket: Ticket | Refusal, route: ModelRoute,
+                endpoint: Endpoint, exchange: Exchange,
+                response: web.StreamResponse | None) -> None:
+        status = exchange.status or (response.status if response is not None else 499)
+        completion = exchange.completion_tokens + exchange.carried_tokens
+        tokens = exchange.prompt_tokens + completion
+        if not isinstance(ticket, Refusal):
+            self._limiter.finish(ticket, tokens)
+        served_by = exchange.served_by or self._node_id
+        self._meter.record(principal, route.name, served_by, exchange.prompt_tokens,
+                           completion, status >= 400)
+        ttft = (exchange.first_chunk_at - exchange.started
+                if exchange.streamed and exchange.first_chunk_at is not None else None)
+        self._metrics.observe(route.name, endpoint.path, status,
+                              asyncio.get_running_loop().time() - exchange.started, ttft,
+                              exchange.prompt_tokens, completion)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _no_instance(self, model_name: str, pinned: bool = False) -> web.Response:
+        model = self._store.view.models[model_name]
+        states = Counter(i["state"] for i in self._store.view.instances_of(model_name))
+        if model.get("schedule_error"):
+            why = model["schedule_error"]
+        elif states:
+            why = "instances are " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        else:
+            why = "no instance is scheduled yet"
+        headers = {"Retry-After": "5"}
+        if pinned:   # a peer's view of our instances may be a commit ahead of ours
+            headers[RETRY_HEADER] = "another-instance"
+        return openai_error(503, f"The model '{model_name}' has no running instance: {why}",
+                            type_="server_error", code="model_not_ready", headers=headers)

@@ -1,0 +1,286 @@
+"""Relaying one engine answer to the client: bytes as they come, usage read on the way.
+
+A plain answer is relayed as one body (large or unsized ones, e.g. generated audio, chunk
+by chunk). A server-sent-event stream is relayed chunk by chunk; the gateway looks only at
+chunks that mention `"usage"` (the engine's last one: the gateway asks streams for it), so
+the usual chunk costs a substring test. When the client did not ask for usage, that chunk is
+kept from it. Chunks that do not end an event are held until the event is whole, so an
+event is never judged (or dropped) by halves.
+
+`Exchange` records what one request did (status, tokens, first byte, which instance), for
+the limiter, the meter and the metrics. `StreamWatchdog` cuts streams whose engine has sent
+nothing for too long: a hung engine must not hold a client forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ["Exchange", "RETRY_HEADER", "StreamBroken", "StreamWatchdog", "TryAnotherInstance",
+           "relay_answer", "usage_of"]
+
+log = logging.getLogger("gpumesh.gateway")
+
+# A peer gateway's answer that says "my instance is gone, nothing was sent to the client":
+# the forwarding gateway tries another instance instead of relaying the error.
+RETRY_HEADER = "X-Gpumesh-Retry"
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
+                "date", "content-encoding", "x-gpumesh-instance", RETRY_HEADER.lower()}
+_BUFFERED_MAX = 4 << 20        # plain answers up to this size are relayed as one body
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
+class Exchange:
+    """What one request did, filled in as it goes."""
+
+    __slots__ = ("started", "first_chunk_at", "last_read_at", "status", "prompt_tokens",
+                 "completion_tokens", "instance", "served_by", "sent", "upstream", "timed_out",
+                 "usage_seen", "strip_usage", "rewrite", "streamed", "carried_tokens")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first_chunk_at: float | None = None
+        self.last_read_at = started
+        self.status = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.instance: str | None = None
+        self.served_by: str | None = None
+        self.sent: list[bytes] | None = None    # kept only where a stream can be continued
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.timed_out = False
+        self.usage_seen = False
+        self.strip_usage = False
+        self.rewrite: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        self.streamed = False
+        self.carried_tokens = 0      # sent by an engine that died before reporting usage
+
+    def take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage_seen = True
+            self.prompt_tokens += _int(usage.get("prompt_tokens"))
+            self.completion_tokens += _int(usage.get("completion_tokens"))
+
+
+class TryAnotherInstance(Exception):
+    """This instance failed before anything reached the client: another one may answer."""
+
+
+class StreamBroken(Exception):
+    """The engine's stream ended abnormally after the client got its first bytes."""
+
+    def __init__(self, response: web.StreamResponse, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+
+
+def usage_of(body: bytes) -> dict[str, Any] | None:
+    """The `usage` object of a JSON answer, read without parsing the rest of it."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    colon = body.find(b":", at + 7)
+    if colon < 0:
+        return None
+    try:
+        text = body[colon + 1:colon + 1 + 4096].decode("utf-8", "replace").lstrip()
+        usage, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def response_headers(upstream: aiohttp.ClientResponse, instance: str) -> dict[str, str]:
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers["X-Gpumesh-Instance"] = instance
+    return headers
+
+
+async def relay_answer(request: web.Request, upstream: aiohttp.ClientResponse,
+                       exchange: Exchange,
+                       response: web.StreamResponse | None = None) -> web.StreamResponse:
+    """Relay `upstream` to the client; into `response` when a continued stream goes on."""
+    exchange.status = upstream.status
+    is_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    if response is not None and (upstream.status != 200 or not is_stream):
+        raise StreamBroken(response, f"the continuation was refused ({upstream.status})")
+    if is_stream:
+        return await _relay_stream(request, upstream, exchange, response)
+    length = upstream.content_length
+    if length is None or length > _BUFFERED_MAX:
+        return await _relay_unsized(request, upstream, exchange)
+    try:
+        # The whole body before the client sees anything: an engine that dies now has sent
+        # nothing the client could notice.
+        body = await upstream.read()
+    except aiohttp.ClientError as exc:
+        raise TryAnotherInstance(f"the answer broke before its first byte: {exc}") from None
+    exchange.first_chunk_at = asyncio.get_running_loop().time()
+    if upstream.status < 400:
+        exchange.take_usage(usage_of(body))
+    return web.Response(status=upstream.status, body=body,
+                        headers=response_headers(upstream, exchange.instance or ""))
+
+
+async def _relay_unsized(request: web.Request, upstream: aiohttp.ClientResponse,
+                         exchange: Exchange) -> web.StreamResponse:
+    first = await _first_chunk(upstream)
+    exchange.first_chunk_at = asyncio.get_running_loop().time()
+    response = web.StreamResponse(status=upstream.status,
+                                  headers=response_headers(upstream, exchange.instance or ""))
+    await response.prepare(request)
+    await response.write(first)
+    async for chunk in upstream.content.iter_any():
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _first_chunk(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.content.readany()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise TryAnotherInstance(f"the answer broke before its first byte: {exc}") from None
+
+
+async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
+                        exchange: Exchange,
+                        response: web.StreamResponse | None) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    exchange.upstream = upstream
+    if response is None:
+        # The first chunk before the client sees anything (as for a plain answer).
+        chunk = await _first_chunk(upstream)
+        if exchange.timed_out:
+            raise TryAnotherInstance("the engine sent nothing for too long")
+        response = web.StreamResponse(status=upstream.status,
+                                      headers=response_headers(upstream, exchange.instance or ""))
+        await response.prepare(request)
+    else:
+        chunk = await _next_chunk(upstream, exchange, response)
+    pending = b""
+    slow = exchange.rewrite is not None          # a continuation: every event is rewritten
+    try:
+        while chunk:
+            exchange.last_read_at = now = loop.time()
+            if exchange.first_chunk_at is None:
+                exchange.first_chunk_at = now
+            if pending or slow or b'"usage"' in chunk or not chunk.endswith(_EVENT_ENDS):
+                pending += chunk
+                cut = _last_event_end(pending)
+                if cut < 0:
+                    chunk = b""
+                else:
+                    chunk, pending = _events(pending[:cut], exchange), pending[cut:]
+            if chunk:
+                if exchange.sent is not None:
+                    exchange.sent.append(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    # The client went away. Returning leaves the caller's `async with`,
+                    # which closes the engine's connection: it stops generating for nobody.
+                    log.info("client left during a stream from %s", upstream.url)
+                    return response
+            chunk = await _next_chunk(upstream, exchange, response)
+    finally:
+        exchange.upstream = None
+    if pending:
+        await response.write(_events(pending, exchange) if slow else pending)
+    await response.write_eof()
+    return response
+
+
+async def _next_chunk(upstream: aiohttp.ClientResponse, exchange: Exchange,
+                      response: web.StreamResponse) -> bytes:
+    """The next chunk; b"" at the end; StreamBroken if the engine failed or went silent."""
+    try:
+        chunk = await upstream.content.readany()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise StreamBroken(response, str(exc) or type(exc).__name__) from None
+    if exchange.timed_out:
+        raise StreamBroken(response, "the engine sent nothing for too long")
+    return chunk
+
+
+def _last_event_end(data: bytes) -> int:
+    """The index just past the last complete event in `data`, or -1."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+
+
+def _events(data: bytes, exchange: Exchange) -> bytes:
+    """Whole events: usage read (and kept from the client if it did not ask), rewritten
+    when this is a continuation on another replica."""
+    out: list[bytes] = []
+    for event in data.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if not event:
+            continue
+        if b'"usage"' in event or exchange.rewrite is not None:
+            obj = _event_json(event)
+            if obj is not None:
+                if b'"usage"' in event and obj.get("usage"):
+                    exchange.take_usage(obj["usage"])
+                    if exchange.strip_usage and not obj.get("choices"):
+                        continue
+                if exchange.rewrite is not None:
+                    obj = exchange.rewrite(obj)
+                    if obj is None:
+                        continue
+                    event = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+        out.append(event + b"\n\n")
+    return b"".join(out)
+
+
+def _event_json(event: bytes) -> dict[str, Any] | None:
+    if not event.startswith(b"data:"):
+        return None
+    data = event[5:].strip()
+    if data == b"[DONE]":
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class StreamWatchdog:
+    """Cuts streams whose engine has been silent for longer than `idle_s`.
+
+    One task per node looks at every open stream once a second, instead of a timer per
+    chunk on the hot path: a stream's only cost is one timestamp per chunk.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._streams: set[Exchange] = set()
+
+    def watch(self, exchange: Exchange) -> None:
+        self._streams.add(exchange)
+
+    def forget(self, exchange: Exchange) -> None:
+        self._streams.discard(exchange)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_s / 2))
+            now = loop.time()
+            for exchange in list(self._streams):
+                if exchange.upstream is not None and now - exchange.last_read_at > self.idle_s:
+                    log.warning("instance %s sent nothing for %.0f s; cutting its stream",
+                                exchange.instance, now - exchange.last_read_at)
+                    exchange.timed_out = True
+                    exchange.upstream.close()

@@ -1,0 +1,169 @@
+"""Prometheus `/metrics` on every node, in prometheus_client's text format.
+
+The gateway counts into plain dicts and small fixed-bucket histograms (a bisect and two
+additions per observation, no locks: everything runs on the event loop); prometheus_client
+reads them only when scraped, through a custom collector. So the hot path never pays for
+label lookups, and the exposition follows prometheus_client's conventions exactly.
+
+Series (every one carries `node`):
+- `gpumesh_requests_total{model,route,code}`, counter
+- `gpumesh_request_duration_seconds{model,route}`, histogram (whole answer)
+- `gpumesh_time_to_first_token_seconds{model}`, histogram (streams: first event)
+- `gpumesh_tokens_total{model,type=prompt|completion}`, counter (rate() gives tokens/s)
+- `gpumesh_completion_tokens_per_second{model}`, gauge: completion tokens over the last minute
+- `gpumesh_requests_in_flight{model,instance}`, gauge, counted by the node that calls the
+  engine (so a sum over nodes counts each request once)
+- `gpumesh_gpu_*{gpu,uuid}`: the GPU figures of this node's telemetry sampler, when there is
+  one (`gpu_source`); nothing GPU-wise otherwise.
+Per-key and per-user figures are not here (the endpoint needs no key): see /api/usage.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import defaultdict
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from aiohttp import web
+
+from .limits import WINDOW_S, Window
+
+__all__ = ["GatewayMetrics", "GpuSource"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# A GPU source returns one dict per GPU: {"index", "uuid", "name", and figures such as
+# "utilization", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w"}.
+GpuSource = Callable[[], list[dict[str, Any]]]
+_GPU_FIGURES = (("utilization", "gpumesh_gpu_utilization_ratio", "GPU busy share, 0 to 1"),
+                ("memory_used_bytes", "gpumesh_gpu_memory_used_bytes", "GPU memory in use"),
+                ("memory_total_bytes", "gpumesh_gpu_memory_total_bytes", "GPU memory"),
+                ("temperature_c", "gpumesh_gpu_temperature_celsius", "GPU temperature"),
+                ("power_w", "gpumesh_gpu_power_watts", "GPU power draw"))
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)     # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        running, out = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class GatewayMetrics:
+    """What the gateway counts for Prometheus, and the collector that exposes it."""
+
+    def __init__(self, node_id: str, gpu_source: GpuSource | None = None) -> None:
+        self.node_id = node_id
+        self.gpu_source = gpu_source
+        self.requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.ttft: dict[str, Histogram] = {}
+        self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.recent_completion: dict[str, Window] = {}
+        self.in_flight: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+
+    # --- the hot path ----------------------------------------------------------------------
+
+    def observe(self, model: str, route: str, status: int, seconds: float,
+                ttft: float | None, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests[(model, route, status)] += 1
+        histogram = self.latency.get((model, route))
+        if histogram is None:
+            histogram = self.latency[(model, route)] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
+        if ttft is not None:
+            first = self.ttft.get(model)
+            if first is None:
+                first = self.ttft[model] = Histogram(TTFT_BUCKETS)
+            first.observe(ttft)
+        if prompt_tokens:
+            self.tokens[(model, "prompt")] += prompt_tokens
+        if completion_tokens:
+            self.tokens[(model, "completion")] += completion_tokens
+            window = self.recent_completion.get(model)
+            if window is None:
+                window = self.recent_completion[model] = Window()
+            window.add(int(time.time()), completion_tokens)
+
+    # --- scrape time -----------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node_id
+        requests = CounterMetricFamily("gpumesh_requests", "Gateway requests answered",
+                                       labels=["node", "model", "route", "code"])
+        for (model, route, code), count in sorted(self.requests.items()):
+            requests.add_metric([node, model, route, str(code)], count)
+        yield requests
+        latency = HistogramMetricFamily("gpumesh_request_duration_seconds",
+                                        "Time to the whole answer",
+                                        labels=["node", "model", "route"])
+        for (model, route), histogram in sorted(self.latency.items()):
+            latency.add_metric([node, model, route], histogram.cumulative(), histogram.total)
+        yield latency
+        ttft = HistogramMetricFamily("gpumesh_time_to_first_token_seconds",
+                                     "Time to a stream's first event", labels=["node", "model"])
+        for model, histogram in sorted(self.ttft.items()):
+            ttft.add_metric([node, model], histogram.cumulative(), histogram.total)
+        yield ttft
+        tokens = CounterMetricFamily("gpumesh_tokens", "Tokens processed, as engines report",
+                                     labels=["node", "model", "type"])
+        for (model, kind), count in sorted(self.tokens.items()):
+            tokens.add_metric([node, model, kind], count)
+        yield tokens
+        speed = GaugeMetricFamily("gpumesh_completion_tokens_per_second",
+                                  "Completion tokens per second over the last minute",
+                                  labels=["node", "model"])
+        now = int(time.time())
+        for model, window in sorted(self.recent_completion.items()):
+            speed.add_metric([node, model], window.count(now) / WINDOW_S)
+        yield speed
+        in_flight = GaugeMetricFamily("gpumesh_requests_in_flight",
+                                      "Requests an engine of this node is answering",
+                                      labels=["node", "model", "instance"])
+        for (model, instance), count in sorted(self.in_flight.items()):
+            in_flight.add_metric([node, model, instance], count)
+        for idle in [k for k, count in self.in_flight.items() if count == 0]:
+            del self.in_flight[idle]            # a gone instance's series ends after a 0
+        yield in_flight
+        yield from self._gpu_metrics()
+
+    def _gpu_metrics(self) -> Iterator[Metric]:
+        gpus = self.gpu_source() if self.gpu_source is not None else []
+        if not gpus:
+            return
+        for field, name, doc in _GPU_FIGURES:
+            family = GaugeMetricFamily(name, doc, labels=["node", "gpu", "uuid", "name"])
+            for gpu in gpus:
+                value = gpu.get(field)
+                if value is not None:
+                    family.add_metric([self.node_id, str(gpu.get("index")),
+                                       str(gpu.get("uuid") or ""), str(gpu.get("name") or "")],
+                                      float(value))
+            yield family
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

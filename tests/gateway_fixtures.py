@@ -1,0 +1,176 @@
+"""What the gateway's tests share: a real llama.cpp engine process, a stand-in OpenAI server
+for what no engine here can serve (images, audio), and OpenAI clients.
+
+`LlamaEngine` runs `python -m gpumesh.backends.llama_cpp_runner` on a tiny random GGUF, with
+the key the gateway will send (derived as the node derives it), so the engine refuses
+everyone else, as it does under a real node agent.
+
+`openai_style_app` is a small aiohttp server speaking OpenAI's shapes for the routes no
+engine on this machine serves (image generation, speech, transcription): the engine of a
+`custom`-like instance. It also answers chat with a delay or a hang when told to, for the
+limit and timeout tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from harness import free_port
+
+ENGINE_TIMEOUT = 60.0
+CHAT = [{"role": "user", "content": "Say hello."}]
+GRAMMAR = 'root ::= "hello there"'
+FAKE_USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+
+class LlamaEngine:
+    """One llama.cpp engine process on loopback."""
+
+    def __init__(self, model: Path, log_file: Path, *extra: str, api_key: str | None = None,
+                 context: int = 256) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        self._log = log_file.open("wb")
+        env = {**os.environ}
+        if api_key is not None:
+            env["LLAMA_API_KEY"] = api_key
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gpumesh.backends.llama_cpp_runner", "-m", str(model),
+             "--host", "127.0.0.1", "--port", str(self.port), "--alias", "tiny",
+             "-c", str(context), "-ngl", "0", "-lv", "1", *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_healthy(self) -> "LlamaEngine":
+        deadline = time.monotonic() + ENGINE_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"engine not healthy (exit {self.process.returncode}):\n"
+                           f"{self.log_file.read_text(errors='replace')[-3000:]}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+
+def start_engines(*engines: LlamaEngine) -> list[LlamaEngine]:
+    """Wait for engines started together (they load in parallel)."""
+    try:
+        return [engine.wait_healthy() for engine in engines]
+    except Exception:
+        for engine in engines:
+            engine.stop()
+        raise
+
+
+def openai_style_app(key: str | None = None) -> web.Application:
+    """A stand-in engine: OpenAI's shapes, fixed answers, and `usage` where OpenAI has it.
+
+    Chat takes `"delay": seconds` (answer late) and `"hang": true` (stream one event, then
+    go silent for a minute), so the tests can hold requests in flight or hang a stream.
+    """
+    seen: list[dict[str, Any]] = []
+
+    def authorised(request: web.Request) -> bool:
+        return key is None or request.headers.get("Authorization") == f"Bearer {key}"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not authorised(request):
+            return web.json_response({"error": {"message": "no"}}, status=401)
+        body = await request.json()
+        seen.append({"path": request.path, "body": body})
+        await asyncio.sleep(float(body.get("delay", 0)))
+        if not body.get("stream"):
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                "model": body["model"], "usage": FAKE_USAGE,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "fake answer"}}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in ("fake", " answer"):
+            await response.write(_event({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                         "choices": [{"index": 0, "delta": {"content": piece},
+                                                      "finish_reason": None}]}))
+            if body.get("hang"):
+                await asyncio.sleep(60)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(_event({"id": "chatcmpl-fake", "choices": [],
+                                         "usage": FAKE_USAGE}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def images(request: web.Request) -> web.Response:
+        if not authorised(request):
+            return web.json_response({"error": {"message": "no"}}, status=401)
+        body = await request.json()
+        seen.append({"path": request.path, "body": body})
+        pixel = base64.b64encode(b"\x89PNG fake").decode()
+        return web.json_response({"created": 1, "data": [{"b64_json": pixel}] * body.get("n", 1)})
+
+    async def speech(request: web.Request) -> web.StreamResponse:
+        if not authorised(request):
+            return web.json_response({"error": {"message": "no"}}, status=401)
+        body = await request.json()
+        seen.append({"path": request.path, "body": body})
+        response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+        await response.prepare(request)
+        for _ in range(3):                    # chunked, unsized: relayed as it comes
+            await response.write(b"ID3" + body["input"].encode() * 100)
+        await response.write_eof()
+        return response
+
+    async def transcribe(request: web.Request) -> web.Response:
+        if not authorised(request):
+            return web.json_response({"error": {"message": "no"}}, status=401)
+        form = await request.post()
+        upload = form["file"]
+        audio = upload.file.read()
+        seen.append({"path": request.path, "model": form["model"], "bytes": len(audio),
+                     "filename": upload.filename})
+        return web.json_response({"text": f"{len(audio)} bytes of {upload.filename}",
+                                  "usage": {"type": "duration", "seconds": 1}})
+
+    app = web.Application(client_max_size=64 << 20)
+    app["seen"] = seen
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/images/generations", images)
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/audio/transcriptions", transcribe)
+    return app
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
