@@ -9,7 +9,7 @@ start)
     mkdir -p /tmp/gm/out
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site2 \
         .whl/*.whl .gpurun/*.whl > /tmp/gm/out/install.log 2>&1 || { cat /tmp/gm/out/install.log; exit 1; }
-    cp -r bench tests /tmp/gm/
+    cp -r bench tests pyproject.toml /tmp/gm/    # pyproject: the pytest markers
     setsid nohup bash /tmp/gm/bench/gpu_run.sh run > /tmp/gm/out/run.log 2>&1 < /dev/null &
     echo "started $!"
     ;;
