@@ -7,6 +7,7 @@ when a deployment names no backend and several serve the model's format and kind
 from __future__ import annotations
 
 from gpumesh.backends.base import Backend
+from gpumesh.backends.custom import CustomBackend
 from gpumesh.backends.llama_cpp import LlamaCppBackend
 from gpumesh.backends.versions import BackendVersions
 from gpumesh.backends.vllm import VllmBackend
@@ -18,6 +19,7 @@ __all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default
 _BACKENDS: tuple[type[Backend], ...] = (
     LlamaCppBackend,
     VllmBackend,
+    CustomBackend,        # serves any format, so never a default: it must be named
 )
 
 
