@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpumesh import accelerators
+
 __all__ = ["Backend", "BackendUnavailable", "InstallRecipe", "LaunchRequest", "LaunchSpec",
            "SUPERVISOR_PID_ENV", "distribution_version", "python_of", "visible_devices_env"]
 
 # Every engine process gpumesh starts gets the starting daemon's pid in this variable, so an
 # engine that can watch its parent (our runners) can tell a dead supervisor from a live one.
 SUPERVISOR_PID_ENV = "GPUMESH_SUPERVISOR_PID"
-
-_VISIBLE_DEVICES = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
 
 class BackendUnavailable(Exception):
@@ -161,7 +161,8 @@ def python_of(engine_home: str | None) -> str:
 
 def visible_devices_env(request: LaunchRequest, vendors: frozenset[str], engine: str,
                         runs_on_cpu: bool = True) -> dict[str, str]:
-    """CUDA_/HIP_VISIBLE_DEVICES for the allocated GPUs, or hiding every GPU on the CPU.
+    """The variable that shows the engine its allocated devices (gpumesh.accelerators), or,
+    on the CPU, one that hides every GPU.
 
     A CPU instance must not touch a GPU the scheduler gave to another instance: GPU builds
     use a visible GPU for large batches even when told not to. "-1" hides every device for
@@ -175,12 +176,7 @@ def visible_devices_env(request: LaunchRequest, vendors: frozenset[str], engine:
             f"{' or the CPU' if runs_on_cpu else ''}, not on {request.gpu_vendor}")
     if not request.gpu_indices:
         raise ValueError(f"a {request.gpu_vendor} launch needs gpu_indices (which GPUs this instance may use)")
-    env = {_VISIBLE_DEVICES[request.gpu_vendor]: ",".join(str(i) for i in request.gpu_indices)}
-    if request.gpu_vendor == "nvidia":
-        # gpumesh numbers GPUs as NVML does (PCI bus order); CUDA's default order is
-        # "fastest first", which would put the instance on other GPUs.
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    return env
+    return accelerators.visible_devices_env(request.gpu_vendor, request.gpu_indices)
 
 
 def distribution_version(engine_home: str | Path, distributions: tuple[str, ...]) -> str:

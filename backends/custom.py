@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from gpumesh import accelerators
 from gpumesh.backends.base import (Backend, BackendUnavailable, LaunchRequest, LaunchSpec,
                                    visible_devices_env)
 from gpumesh.modelfiles.kinds import KINDS
@@ -32,7 +33,7 @@ class CustomBackend(Backend):
     name = "custom"
     model_formats: frozenset[str] = frozenset()    # any: the command knows what it loads
     kinds = frozenset(KINDS)
-    gpu_vendors = frozenset({"nvidia", "amd"})
+    gpu_vendors = frozenset(accelerators.VENDORS)
     runs_on_cpu = True
     health_path = "/v1/models"
 

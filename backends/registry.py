@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from gpumesh.backends.base import Backend
 from gpumesh.backends.custom import CustomBackend
+from gpumesh.backends.mindie import MindieBackend
+from gpumesh.backends.sglang import SglangBackend
+from gpumesh.backends.vox_box import VoxBoxBackend
 from gpumesh.backends.llama_cpp import LlamaCppBackend
 from gpumesh.backends.versions import BackendVersions
 from gpumesh.backends.vllm import VllmBackend
@@ -19,6 +22,9 @@ __all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default
 _BACKENDS: tuple[type[Backend], ...] = (
     LlamaCppBackend,
     VllmBackend,
+    SglangBackend,
+    VoxBoxBackend,
+    MindieBackend,
     CustomBackend,        # serves any format, so never a default: it must be named
 )
 
@@ -57,16 +63,19 @@ def _describe(backend: Backend, versions: BackendVersions | None) -> dict[str, o
     cpu, vendors = bool(summary["runs_on_cpu"]) and builtin_ok, set(summary["gpu_vendors"])  # type: ignore[arg-type]
     installed = versions.installed(backend.name) if versions else []
     recipe = backend.install_packages(None, versions.gpu_vendors) if versions else None
-    if installed or recipe is not None:
-        extra_cpu, extra_vendors = backend.installable_traits(versions.gpu_vendors)  # type: ignore[union-attr]
+    from_image = False
+    if versions is not None and (installed or recipe is not None or backend.container_only):
+        extra_cpu, extra_vendors = backend.installable_traits(versions.gpu_vendors)
         cpu, vendors = cpu or extra_cpu, vendors | extra_vendors
+        # An image-only engine can run wherever its devices are (the image is the version).
+        from_image = backend.container_only and (extra_cpu or bool(extra_vendors))
     summary.update(
         builtin_version=summary["version"],
         versions=[v.version for v in installed],
         installable=recipe is not None,
         install_packages=list(recipe.packages) if recipe else [],
         runs_on_cpu=cpu, gpu_vendors=sorted(vendors),
-        available=builtin_ok or bool(installed) or recipe is not None)
+        available=builtin_ok or bool(installed) or recipe is not None or from_image)
     if not builtin_ok and installed:
         summary["version"] = installed[-1].version     # what an unpinned model gets here
     if summary["available"]:

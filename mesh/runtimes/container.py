@@ -29,8 +29,13 @@ log = logging.getLogger("gpumesh.agent")
 
 LABEL_NODE = "io.gpumesh.node"
 LABEL_INSTANCE = "io.gpumesh.instance"
-_HOST_DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+_HOST_DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+                    "ASCEND_RT_VISIBLE_DEVICES")
 _AMD_DEVICES = ("/dev/kfd", "/dev/dri")
+# Ascend: one /dev/davinciN per NPU plus the driver's shared devices and files (as Huawei's
+# container guide lists them).
+_ASCEND_DEVICES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
+_ASCEND_MOUNTS = ("/usr/local/Ascend/driver", "/usr/local/dcmi", "/usr/local/bin/npu-smi")
 
 
 class ContainerRuntime(Runtime):
@@ -66,13 +71,19 @@ class ContainerRuntime(Runtime):
         elif request.gpu_vendor == "amd":
             options["devices"] = [f"{d}:{d}" for d in _AMD_DEVICES]
             options["group_add"] = ["video"]
+        elif request.gpu_vendor == "ascend":
+            options["devices"] = [f"/dev/davinci{i}:/dev/davinci{i}" for i in request.gpu_indices] \
+                + [f"{d}:{d}" for d in _ASCEND_DEVICES]
+        volumes = {p: {"bind": p, "mode": "ro"} for p in spec.mounts}
+        if request.gpu_vendor == "ascend":
+            volumes.update({p: {"bind": p, "mode": "ro"} for p in _ASCEND_MOUNTS})
         name = f"gpumesh-{request.instance_id}"
         try:
             _remove_quietly(client, name)     # a container of an earlier attempt
             return client.containers.run(
                 spec.image, command=list(spec.argv) or None, name=name, detach=True,
                 environment=env, network_mode="host", init=True,
-                volumes={p: {"bind": p, "mode": "ro"} for p in spec.mounts},
+                volumes=volumes,
                 labels={LABEL_NODE: self._node_id, LABEL_INSTANCE: request.instance_id},
                 **options)
         except docker.errors.ImageNotFound:
