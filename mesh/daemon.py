@@ -266,6 +266,8 @@ class Daemon:
         await presence.register("ready")
         async with _owned_task(presence.run(), "node-presence"):
             yield
+        if presence.removed:
+            return                    # no record to update: re-creating it would be a ghost
         try:
             await presence.register("stopped", timeout=1.0)
         except (StateUnavailable, CommandRejected) as exc:

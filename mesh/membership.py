@@ -229,6 +229,7 @@ class NodePresence:
         self._probe = probe
         self._backends = backends
         self._on_removed = on_removed
+        self.removed = False         # set when this node saw its own record removed
         self._gpu_usage = gpu_usage         # the telemetry sampler's latest GPU memory figures
 
     async def register(self, status: str, timeout: float = 5.0) -> None:
@@ -241,20 +242,26 @@ class NodePresence:
         await self._store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
 
     async def run(self) -> None:
-        """Refresh the record every HEARTBEAT_S; stop the daemon if this node was removed."""
-        registered_version = self._store.view.version
+        """Refresh the record every HEARTBEAT_S; stop the daemon as soon as this node's
+        record disappears (it was removed from the cluster)."""
+        loop = asyncio.get_running_loop()
+        view = self._store.view
+        next_beat = loop.time() + HEARTBEAT_S
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            view = self._store.view
-            if self._node_id not in view.nodes and view.version > registered_version:
+            view = await self._store.wait_changed(view.version,
+                                                  timeout=max(0.0, next_beat - loop.time()))
+            if self._node_id not in view.nodes:
                 self._removed()
                 return
+            if loop.time() < next_beat:
+                continue
+            next_beat = loop.time() + HEARTBEAT_S
             try:
                 await self._store.submit({"op": "node_heartbeat", "id": self._node_id,
                                           "resources": self._resources(), "at": time.time()},
                                          timeout=HEARTBEAT_S)
             except CommandRejected:
-                continue                     # record gone: noticed on the next round
+                continue                     # record gone: noticed at once on the next view
             except StateUnavailable as exc:
                 log.debug("heartbeat not committed: %s", exc)
 
@@ -266,6 +273,7 @@ class NodePresence:
         return resources
 
     def _removed(self) -> None:
+        self.removed = True
         log.error("this node was removed from the cluster: stopping. To join again, wipe "
                   "%s/raft and %s and use a fresh token", self._data.root,
                   self._data.cluster_file)

@@ -258,6 +258,7 @@ def test_a_removed_node_stops_and_joins_again_only_after_a_wipe(cluster: Cluster
     assert gone.process.wait(30) == 0                     # type: ignore[union-attr]
     assert "this node was removed from the cluster" in gone.output()
     cluster.wait(lambda: len(cluster.status(front)["members"]) == 2, "two members left")
+    assert node_id(gone) not in {n["id"] for n in front.api("/api/nodes")[1]["data"]}
 
     refused = gone.cli("up", "--data-dir", str(gone.data_dir), "--api-port",
                        str(gone.api_port), "--raft-port", str(gone.raft_port), timeout=60)
