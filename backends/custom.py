@@ -36,6 +36,8 @@ class CustomBackend(Backend):
     gpu_vendors = frozenset(accelerators.VENDORS)
     runs_on_cpu = True
     health_path = "/v1/models"
+    # The args are the whole command, host and port included (as placeholders).
+    reserved_flags: frozenset[str] = frozenset()
 
     def version(self) -> str:
         return "-"                                 # nothing of its own to install

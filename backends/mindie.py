@@ -53,6 +53,7 @@ class MindieBackend(Backend):
     runs_on_cpu = False
     container_only = True
     health_path = "/v1/models"
+    reserved_flags: frozenset[str] = frozenset()    # args are not passed to MindIE
 
     def version(self) -> str:
         raise BackendUnavailable("MindIE runs from its container image only: deploy with "

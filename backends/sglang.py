@@ -34,6 +34,9 @@ class SglangBackend(Backend):
     gpu_vendors = frozenset({"nvidia"})
     runs_on_cpu = False
     health_path = "/health"
+    reserved_flags = frozenset({"--host", "--port", "--model-path", "--model",
+                                "--served-model-name", "--api-key", "--admin-api-key",
+                                "--ssl-keyfile", "--ssl-certfile"})
 
     def version(self) -> str:
         try:

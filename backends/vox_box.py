@@ -30,6 +30,8 @@ class VoxBoxBackend(Backend):
     gpu_vendors = frozenset({"nvidia"})
     runs_on_cpu = True
     health_path = "/health"
+    reserved_flags = frozenset({"--host", "--port", "--model", "--device", "--data-dir",
+                                "--huggingface-repo-id", "--model-scope-model-id"})
 
     def version(self) -> str:
         try:
