@@ -270,6 +270,24 @@ def test_a_removed_node_stops_and_joins_again_only_after_a_wipe(cluster: Cluster
                  "three members again")
 
 
+def test_a_wiped_node_joins_again_in_its_own_place(cluster: Cluster) -> None:
+    """Same address, fresh data dir, no `node rm` first: the old member (whose journal is
+    gone) is replaced, not left behind as a dead member weakening the quorum."""
+    leader = cluster.leader()
+    wiped = next(n for n in cluster.nodes if n is not leader)
+    old_id = node_id(wiped)
+    wiped.process.send_signal(signal.SIGKILL)              # type: ignore[union-attr]
+    wiped.process.wait(10)                                 # type: ignore[union-attr]
+    shutil.rmtree(wiped.data_dir)
+    cluster.join(wiped, through=leader)
+    assert node_id(wiped) != old_id
+    cluster.wait(lambda: all(len(cluster.status(n)["members"]) == 3 and cluster.status(n)["quorum"]
+                             for n in cluster.nodes), "three members, the new one included")
+    ids = {n["id"] for n in leader.api("/api/nodes")[1]["data"]}
+    assert old_id not in ids and node_id(wiped) in ids
+    assert "replacing the old member" in leader.output()
+
+
 # --- a full stop -----------------------------------------------------------------------------------
 
 def test_a_stopped_cluster_restarted_keeps_every_model_and_key(cluster: Cluster) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Cluster, children_of
+from harness import Cluster, Daemon, children_of
 from netns import NetnsDaemon, Topology, unusable_reason
 from test_cluster import chat, node_id, running_on
 from tinymodels import write_tiny_gguf
@@ -115,3 +115,16 @@ def test_a_partition_stops_the_minority_the_majority_goes_on_and_healing_converg
     time.sleep(0.5)
     code, instances = majority[0].api("/api/instances")
     assert len([i for i in instances["data"] if i["model"] == "tiny"]) == 1
+
+
+def test_a_loopback_node_cannot_join_a_cluster_on_the_network(nodes: Cluster,
+                                                              tmp_path: Path) -> None:
+    """Peers could never reach 127.0.0.1: refused before anything is written to the cluster."""
+    founder = nodes.nodes[0]
+    token = nodes.token(founder)
+    stray = Daemon(tmp_path / "stray", "--discovery", "off", "--join",
+                   f"{founder.host}:{founder.api_port}", "--token", token)
+    stray.launch()
+    assert stray.process.wait(60) == 1                    # type: ignore[union-attr]
+    assert "loopback" in stray.output() and "--advertise" in stray.output()
+    assert len(nodes.status(founder)["members"]) == 3
