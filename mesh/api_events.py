@@ -251,12 +251,17 @@ class _Sampler:
 # --- what the stream says -------------------------------------------------------------------
 
 def public_snapshot(view: StateView, raft: Record, node_id: str) -> Record:
-    return {"node_id": node_id, "version": view.version, "raft": raft,
-            "nodes": sorted(view.nodes.values(), key=lambda n: n["name"]),
-            "models": [_model(view, name) for name in sorted(view.models)],
-            "instances": sorted(view.instances.values(), key=lambda i: i["id"]),
-            "api_keys": sorted((_key(k) for k in view.api_keys.values()),
-                               key=lambda k: k["id"])}
+    snapshot = {"node_id": node_id, "version": view.version, "raft": raft,
+                "nodes": sorted(view.nodes.values(), key=lambda n: n["name"]),
+                "models": [_model(view, name) for name in sorted(view.models)],
+                "instances": sorted(view.instances.values(), key=lambda i: i["id"]),
+                "api_keys": sorted((_key(k) for k in view.api_keys.values()),
+                                   key=lambda k: k["id"])}
+    if (users := _users(view)) is not None:
+        snapshot["users"] = sorted(users.values(), key=lambda u: u["id"])
+    if (usage := _usage(view)) is not None:
+        snapshot["usage"] = {hour: usage[hour] for hour in _recent_hours(usage)}
+    return snapshot
 
 
 def state_changes(old: StateView, new: StateView) -> list[Record]:
@@ -267,6 +272,9 @@ def state_changes(old: StateView, new: StateView) -> list[Record]:
     changes = _diff("nodes", old.nodes, new.nodes, lambda r: r["id"], lambda r: r)
     changes += _diff("instances", old.instances, new.instances, lambda r: r["id"], lambda r: r)
     changes += _diff("api_keys", old.api_keys, new.api_keys, lambda r: r["id"], _key)
+    changes += _diff("users", _users(old) or {}, _users(new) or {}, lambda r: r["id"],
+                     lambda r: r)
+    changes += _usage_changes(_usage(old) or {}, _usage(new) or {})
     touched = {c["id"] for c in changes if c["collection"] == "instances"}
     touched = {(new.instances.get(i) or old.instances[i])["model"] for i in touched}
     touched |= {n for n in old.models.keys() | new.models.keys()
@@ -289,6 +297,35 @@ def _diff(collection: str, old: dict[str, Record], new: dict[str, Record],
     changes += [{"collection": collection, "op": "upsert", "id": ident(new[k]),
                  "record": public(new[k])}
                 for k in sorted(new) if old.get(k) is not new[k] and old.get(k) != new[k]]
+    return changes
+
+
+# Collections the gateway adds to the state (users; usage metered by the hour): read where
+# the view has them, so the stream works on nodes with and without them.
+def _users(view: StateView) -> dict[str, Record] | None:
+    return getattr(view, "users", None)
+
+
+def _usage(view: StateView) -> dict[str, dict[str, Record]] | None:
+    return getattr(view, "usage", None)
+
+
+_USAGE_HOURS = 2         # the current hour and the one before: rates need no more, and the
+                         # whole history can be large (rows per node × key × model × hour)
+
+
+def _recent_hours(usage: dict[str, Any]) -> list[str]:
+    return sorted(usage, key=int)[-_USAGE_HOURS:]
+
+
+def _usage_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Record]:
+    """The recent hours whose rows changed (a node's fold replaces one hour's rows), whole;
+    hours the state dropped are removed (the console forgets older ones by itself)."""
+    changes = [{"collection": "usage", "op": "remove", "id": hour}
+               for hour in sorted(old.keys() - new.keys(), key=int)]
+    changes += [{"collection": "usage", "op": "upsert", "id": hour, "record": new[hour]}
+                for hour in _recent_hours(new)
+                if old.get(hour) is not new[hour] and old.get(hour) != new[hour]]
     return changes
 
 

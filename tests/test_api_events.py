@@ -194,3 +194,23 @@ def test_state_changes_from_views() -> None:
     # An equal record rebuilt by a command is not a change.
     rebuilt = {**new, "models": {"m": dict(model)}}
     assert state_changes(StateView(new, 2), StateView(rebuilt, 3)) == []
+
+
+def test_usage_hours_and_users_when_the_state_has_them() -> None:
+    """The gateway's collections: users as records; usage as whole recent hours."""
+    from gpumesh.mesh import api_events
+
+    class View:                                       # only what the two diffs read
+        def __init__(self, usage, users):
+            self.usage, self.users = usage, users
+
+    hour_a, hour_b = {"r": {"requests": 1}}, {"r": {"requests": 2}}
+    old = View({"0": {}, "3600": hour_a}, {"u": {"id": "u", "role": "user"}})
+    new = View({"3600": hour_a, "7200": hour_b}, {})
+    assert api_events._usage_changes(old.usage, new.usage) == [
+        {"collection": "usage", "op": "remove", "id": "0"},
+        {"collection": "usage", "op": "upsert", "id": "7200", "record": hour_b}]
+    assert api_events._recent_hours({str(h * 3600): {} for h in range(30)}) == ["100800",
+                                                                                 "104400"]
+    assert api_events._diff("users", old.users, new.users, lambda r: r["id"], lambda r: r) == [
+        {"collection": "users", "op": "remove", "id": "u"}]

@@ -47,7 +47,7 @@ def test_snapshot_then_changes_then_raft() -> None:
         {"collection": "instances", "op": "remove", "id": "i1"},
         {"collection": "models", "op": "upsert", "id": "m",
          "record": {"name": "m", "replicas": 1, "status": "deploying", "ready_replicas": 0}},
-        {"collection": "users", "op": "upsert", "id": "u", "record": {}}]})   # unknown: skipped
+        {"collection": "rates", "op": "upsert", "id": "n", "record": {}}]})   # unknown: skipped
     assert topics == {"instances", "models", "log"}
     assert model.instances == {} and model.models["m"]["status"] == "deploying"
     assert model.log[-1] == (100.0, "instance i1 removed")
@@ -144,3 +144,30 @@ def test_instance_progress_words() -> None:
     assert _progress({"progress": {"done_bytes": 50, "total_bytes": 200}}) == "25%"
     assert _progress({"progress": None}) == "" and _progress({}) == ""
     assert _one_line("Traceback\n  File x\nValueError: bad\n\n") == "ValueError: bad"
+
+
+def test_usage_rates_from_the_hours_a_node_folds() -> None:
+    now = [1000.0]
+    model = ClusterModel(clock=lambda: now[0])
+    row = {"model": "m", "key": "k1", "requests": 10, "errors": 0, "prompt_tokens": 100,
+           "completion_tokens": 50}
+    model.apply("snapshot", snapshot(usage={"3600": {"n|k1|m": row}}, users=[]))
+    assert model.has_usage and model.has_users and model.usage_rates() == {}
+    for second, requests in ((10, 13), (40, 19)):       # two folds: +3, then +6 requests
+        now[0] = 1000.0 + second
+        grown = {**row, "requests": requests, "completion_tokens": 50 + 10 * (requests - 10)}
+        topics = model.apply("change", {"changes": [
+            {"collection": "usage", "op": "upsert", "id": "3600", "record": {"n|k1|m": grown}}]})
+        assert topics == {"usage"}
+    assert model.usage_counted[("m", "k1")] == (9, 90, 0)
+    now[0] = 1040.0
+    rpm, tps = model.usage_rates()[("m", "k1")]
+    assert rpm == 60 * 6 / 30 and tps == 60 / 30           # since the first fold, 30 s ago
+    # A new hour: its rows start from zero, the counters keep growing; old hours are dropped.
+    for hour in ("7200", "10800"):
+        model.apply("change", {"changes": [{"collection": "usage", "op": "upsert", "id": hour,
+                                            "record": {"n|k1|m": {**row, "requests": 1}}}]})
+    assert sorted(model.usage) == ["10800", "7200"]
+    assert model.usage_counted[("m", "k1")][0] == 9 + 1 + 1
+    model.apply("telemetry", {"t": 1, "nodes": {}})
+    assert model.usage_tps[-1] is not None                  # the chart ticks at 1 Hz

@@ -20,8 +20,11 @@ Record = dict[str, Any]
 HISTORY_SAMPLES = 600          # ten minutes at 1 Hz, per GPU and metric
 LOG_LINES = 500
 METRICS = ("util", "mem", "temp", "power")
-COLLECTIONS = ("nodes", "models", "instances", "api_keys")
-_KEY_FIELD = {"nodes": "id", "models": "name", "instances": "id", "api_keys": "id"}
+COLLECTIONS = ("nodes", "models", "instances", "api_keys", "users")
+_KEY_FIELD = {"nodes": "id", "models": "name", "instances": "id", "api_keys": "id",
+              "users": "id"}
+USAGE_HOURS = 2                # the stream sends the current and the previous hour
+RATE_WINDOW_S = 60.0           # "rates now": over the last minute
 
 
 @dataclass
@@ -57,6 +60,17 @@ class ClusterModel:
         self.models: dict[str, Record] = {}
         self.instances: dict[str, Record] = {}
         self.api_keys: dict[str, Record] = {}
+        self.users: dict[str, Record] = {}
+        self.has_users = False                   # the node's state has users at all
+        # Metered usage: the recent hours' rows as replicated, counters that only grow (what
+        # each (model, key) was served since the console attached), and marks of them in
+        # time, from which rates follow; a 1 Hz series of the totals' rates for the charts.
+        self.usage: dict[str, dict[str, Record]] = {}
+        self.has_usage = False
+        self.usage_counted: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self.usage_marks: deque[tuple[float, dict]] = deque(maxlen=256)
+        self.usage_rpm: deque[float | None] = deque(maxlen=HISTORY_SAMPLES)
+        self.usage_tps: deque[float | None] = deque(maxlen=HISTORY_SAMPLES)
         self.telemetry: dict[str, Record] = {}   # node id -> latest reading
         self.telemetry_time: float | None = None
         self.series: dict[GpuRef, Series] = {}
@@ -77,13 +91,22 @@ class ClusterModel:
         for name in COLLECTIONS:
             key = _KEY_FIELD[name]
             setattr(self, name, {r[key]: r for r in data.get(name, [])})
+        self.has_users = "users" in data
+        self.has_usage = "usage" in data
+        self.usage = dict(data.get("usage") or {})
+        self.usage_marks.clear()
         self.ready = True
         self._note(f"attached to node {self._node_label(self.node_id)}")
-        return {*COLLECTIONS, "raft", "log", "telemetry"}
+        return {*COLLECTIONS, "usage", "raft", "log", "telemetry"}
 
     def _on_change(self, data: Record) -> set[str]:
         topics: set[str] = set()
         for change in data.get("changes", []):
+            if change["collection"] == "usage":
+                self._fold_usage(change["id"], change.get("record") if change["op"] == "upsert"
+                                 else None)
+                topics.add("usage")
+                continue
             collection = getattr(self, change["collection"], None)
             if change["collection"] not in COLLECTIONS or collection is None:
                 continue
@@ -111,6 +134,10 @@ class ClusterModel:
 
     def _on_telemetry(self, data: Record) -> set[str]:
         topics = {"telemetry"}
+        if self.has_usage:                       # the rate charts tick with the telemetry
+            rpm, tps = self.total_rates()
+            self.usage_rpm.append(rpm)
+            self.usage_tps.append(tps)
         self.telemetry_time = data.get("t")
         for node_id, reading in data.get("nodes", {}).items():
             was_ok = self.telemetry.get(node_id, {}).get("ok", True)
@@ -140,6 +167,48 @@ class ClusterModel:
                                        "memory_available_bytes":
                                            sample.get("memory_available_bytes")})
         return {"telemetry"}
+
+    def _fold_usage(self, hour: str, rows: dict[str, Record] | None) -> None:
+        """One hour's rows replaced: what grew since the last time goes into the counters."""
+        previous = self.usage.get(hour, {})
+        for row_id, row in (rows or {}).items():
+            before = previous.get(row_id, {})
+            ident = (str(row.get("model")), str(row.get("key")))
+            requests, tokens, errors = self.usage_counted.get(ident, (0, 0, 0))
+            self.usage_counted[ident] = (
+                requests + max(0, row.get("requests", 0) - before.get("requests", 0)),
+                tokens + max(0, _tokens(row) - _tokens(before)),
+                errors + max(0, row.get("errors", 0) - before.get("errors", 0)))
+        if rows is None:
+            self.usage.pop(hour, None)
+        else:
+            self.usage[hour] = rows
+        for old in sorted(self.usage, key=int)[:-USAGE_HOURS]:
+            del self.usage[old]
+        self.usage_marks.append((self.clock(), dict(self.usage_counted)))
+
+    def usage_rates(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """(requests per minute, tokens per second) of each (model, key) over the last
+        minute, or as long as the console has watched if that is shorter."""
+        now = self.clock()
+        if not self.usage_marks:
+            return {}
+        then_t, then = self.usage_marks[0]
+        for t, counted in self.usage_marks:
+            if t <= now - RATE_WINDOW_S:
+                then_t, then = t, counted
+        seconds = max(1.0, now - then_t)
+        rates = {}
+        for ident, (requests, tokens, _) in self.usage_counted.items():
+            before = then.get(ident, (0, 0, 0))
+            rates[ident] = (60 * (requests - before[0]) / seconds, (tokens - before[1]) / seconds)
+        return rates
+
+    def total_rates(self) -> tuple[float | None, float | None]:
+        rates = self.usage_rates()
+        if not rates:
+            return (0.0, 0.0) if self.has_usage else (None, None)
+        return sum(r for r, _ in rates.values()), sum(t for _, t in rates.values())
 
     def _note(self, line: str, when: float | None = None) -> None:
         self.log.append((self.clock() if when is None else when, line))
@@ -260,6 +329,10 @@ class ClusterModel:
     def _node_label(self, node_id: str | None) -> str:
         node = self.nodes.get(node_id or "", {})
         return node.get("name") or node_id or "?"
+
+
+def _tokens(row: Record) -> int:
+    return int(row.get("prompt_tokens", 0)) + int(row.get("completion_tokens", 0))
 
 
 def _percent(used: Any, total: Any) -> float | None:

@@ -46,17 +46,16 @@ class KeysView(View):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.users: list[dict[str, Any]] | None = None   # None: not fetched, or no API
         self.query_one("#keys", DataTable).border_title = "API keys"
         self.query_one("#users", DataTable).border_title = "users"
 
-    def on_screen_resume(self) -> None:
-        super().on_screen_resume()
-        self._fetch_users()
+    @property
+    def users(self) -> list[dict[str, Any]] | None:
+        """The users (from the event stream), or None where the node has no users at all."""
+        model = self.app.model
+        return list(model.users.values()) if model.has_users else None
 
     def redraw(self, topics: set[str]) -> None:
-        if "api_keys" in topics and self.users is not None:
-            self._fetch_users()                # key counts per user follow the keys
         now = self.app.model.clock()
         rows = []
         for key in sorted(self.app.model.api_keys.values(), key=lambda k: k.get("created", 0)):
@@ -74,34 +73,22 @@ class KeysView(View):
         note = self.query_one("#users-note", Static)
         table.display = self.users is not None
         if self.users is None:
-            note.update("no users API on this node yet (GET /api/users): keys only")
+            note.update("no users on this node yet (an older node): keys only")
             return
         note.update("")
         counts: dict[str, int] = {}
         for key in self.app.model.api_keys.values():
-            if key.get("user"):
-                counts[key["user"]] = counts.get(key["user"], 0) + 1
+            owner = key.get("user") or f"key-{key['id']}"    # the gateway's owner_of()
+            counts[owner] = counts.get(owner, 0) + 1
         rows = []
         for user in sorted(self.users, key=lambda u: u.get("id", "")):
             limits = user.get("limits") or {}
             cells = (user.get("id", "-"), user.get("role", "-"),
-                     str(user.get("keys", counts.get(user.get("id", ""), 0))),
+                     str(counts.get(user.get("id", ""), 0)),
                      " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-")
             if matches(self.filter_text, cells):
                 rows.append((str(user.get("id")), cells))
         sync_rows(table, rows)
-
-    @work(group="users", exclusive=True, exit_on_error=False)
-    async def _fetch_users(self) -> None:
-        try:
-            reply = await self.app.client.get("/api/users")
-        except ApiError as exc:
-            if not exc.missing_route:
-                self.notify(f"users: {exc}", severity="warning", timeout=5)
-            self.users = None
-        else:
-            self.users = reply.get("data", []) if isinstance(reply, dict) else list(reply)
-        self._draw_users()
 
     # --- create and revoke -----------------------------------------------------------------
 

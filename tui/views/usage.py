@@ -1,13 +1,18 @@
-"""6 Usage: requests and tokens per model and per key, over time, and the rates now."""
+"""6 Usage: requests and tokens per model and key (the last 24 hours), rates now, and the
+cluster's request and token rates over the last minutes.
+
+Rates come from the event stream (each node folds its metered usage into the replicated
+state about once a second; the stream sends the changed hour), so they need no polling. The
+24-hour totals come from `GET /api/usage?since=24h`, asked for on showing the view and every
+30 s while it is shown.
+"""
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Grid
 from textual.widgets import DataTable, Static
 
@@ -17,20 +22,15 @@ from .base import View, matches
 
 __all__ = ["UsageView"]
 
-COLUMNS = ("MODEL", "KEY", "REQUESTS", "PROMPT TOK", "COMPL TOK", "ERRORS", "REQ/MIN", "TOK/S")
-POLL_S = 5.0
-_RATE_SAMPLES = 120      # ten minutes of polls
+COLUMNS = ("MODEL", "KEY", "REQ 24H", "TOKENS 24H", "ERR 24H", "REQ/MIN", "TOK/S")
+TOTALS_EVERY_S = 30.0
 
 
 class UsageView(View):
-    """Usage is not pushed on the event stream (it changes with every request); the view asks
-    for it every few seconds, and only while it is on screen."""
-
     MODE = "usage"
-    TOPICS = frozenset({"usage"})
-    HELP_TEXT = "Requests and tokens per model and key since metering began; rates over the " \
-                "last poll interval."
-    BINDINGS = [Binding("g", "group", "Group by", id="usage.group")]
+    TOPICS = frozenset({"usage", "clock", "api_keys"})
+    HELP_TEXT = ("Requests and tokens per model and key over the last 24 hours, the rate of "
+                 "each over the last minute, and the cluster's rates over the last minutes.")
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="usage-note")
@@ -44,97 +44,51 @@ class UsageView(View):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.group_by = "model+key"
-        self.rows: list[dict[str, Any]] | None = None
-        self._previous: dict[str, tuple[float, float, float]] = {}   # row -> (t, req, tok)
-        self._rates: dict[str, tuple[float, float]] = {}
-        self._rpm: deque[float | None] = deque(maxlen=_RATE_SAMPLES)
-        self._tps: deque[float | None] = deque(maxlen=_RATE_SAMPLES)
-        self._poller = self.set_interval(POLL_S, self._poll, pause=True)
+        self.totals: list[dict[str, Any]] | None = None    # None: not fetched, or no API
+        self._poller = self.set_interval(TOTALS_EVERY_S, self._fetch_totals, pause=True)
 
     def on_screen_resume(self) -> None:
         super().on_screen_resume()
-        self._poll()
+        self._fetch_totals()
         self._poller.resume()
 
     def on_screen_suspend(self) -> None:
         self._poller.pause()
 
     @work(group="usage", exclusive=True, exit_on_error=False)
-    async def _poll(self) -> None:
+    async def _fetch_totals(self) -> None:
         try:
-            reply = await self.app.client.get("/api/usage")
+            reply = await self.app.client.get("/api/usage", since="24h", by="model,key")
         except ApiError as exc:
-            self.rows = None
-            self.query_one("#usage-note", Static).update(
-                "no usage API on this node yet (GET /api/usage)" if exc.missing_route
-                else f"usage: {exc}")
-            self.redraw({"usage"})
-            return
-        self.rows = _usage_rows(reply)
-        self._rate(self.app.model.clock())
-        self.query_one("#usage-note", Static).update("")
+            self.totals = None
+            if not exc.missing_route:
+                self.notify(f"usage: {exc}", severity="warning", timeout=5)
+        else:
+            self.totals = list(reply.get("data", [])) if isinstance(reply, dict) else []
         self.redraw({"usage"})
-
-    def _rate(self, now: float) -> None:
-        total_req = total_tok = 0.0
-        seen = False
-        for row in self.rows or []:
-            key = _row_key(row)
-            requests = float(row.get("requests", 0))
-            tokens = float(row.get("prompt_tokens", 0)) + float(row.get("completion_tokens", 0))
-            before = self._previous.get(key)
-            self._previous[key] = (now, requests, tokens)
-            if before is not None and now > before[0]:
-                seconds = now - before[0]
-                rate = (60 * (requests - before[1]) / seconds, (tokens - before[2]) / seconds)
-                self._rates[key] = rate
-                total_req += rate[0]
-                total_tok += rate[1]
-                seen = True
-        self._rpm.append(total_req if seen else None)
-        self._tps.append(total_tok if seen else None)
 
     def redraw(self, topics: set[str]) -> None:
+        model = self.app.model
+        metered = model.has_usage or self.totals is not None
+        self.set_class(not metered, "-no-api")
+        self.query_one("#usage-note", Static).update(
+            "" if metered else "no usage metering on this node yet (GET /api/usage)")
         table = self.query_one("#usage", DataTable)
-        self.set_class(self.rows is None, "-no-api")
-        table.display = self.rows is not None
+        table.display = metered
+        names = {k["id"]: k.get("name", k["id"]) for k in model.api_keys.values()}
+        rates = model.usage_rates()
+        totals = {(str(r.get("model")), str(r.get("key"))): r for r in self.totals or []}
         rows = []
-        for row in _group(self.rows or [], self.group_by):
-            rate = self._rates.get(_row_key(row)) if self.group_by == "model+key" else None
-            cells = (row.get("model", "-"), row.get("key", "-") or "-",
-                     str(row.get("requests", 0)), str(row.get("prompt_tokens", 0)),
-                     str(row.get("completion_tokens", 0)), str(row.get("errors", 0)),
+        for ident in sorted(totals.keys() | rates.keys(),
+                            key=lambda i: -int(totals.get(i, {}).get("requests", 0))):
+            total = totals.get(ident, {})
+            rate = rates.get(ident)
+            cells = (ident[0], names.get(ident[1]) or total.get("name") or ident[1],
+                     str(total.get("requests", "-")), str(total.get("total_tokens", "-")),
+                     str(total.get("errors", "-")),
                      f"{rate[0]:.1f}" if rate else "-", f"{rate[1]:.1f}" if rate else "-")
             if matches(self.filter_text, cells):
-                rows.append((_row_key(row), cells))
+                rows.append(("|".join(ident), cells))
         sync_rows(table, rows)
-        self.query_one("#chart-rpm", BrailleChart).show(list(self._rpm))
-        self.query_one("#chart-tps", BrailleChart).show(list(self._tps))
-
-    def action_group(self) -> None:
-        order = ("model+key", "model", "key")
-        self.group_by = order[(order.index(self.group_by) + 1) % len(order)]
-        self.notify(f"grouped by {self.group_by}", timeout=2)
-        self.redraw({"usage"})
-
-
-def _usage_rows(reply: Any) -> list[dict[str, Any]]:
-    """Rows of totals per model and key, whatever the node groups them by (hours, nodes)."""
-    rows = reply.get("data", []) if isinstance(reply, dict) else list(reply or [])
-    return _group(rows, "model+key")
-
-
-def _group(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-    fields = {"model+key": ("model", "key"), "model": ("model",), "key": ("key",)}[by]
-    merged: dict[tuple, dict[str, Any]] = {}
-    for row in rows:
-        ident = tuple(row.get(f) for f in fields)
-        into = merged.setdefault(ident, {f: row.get(f) for f in fields})
-        for count in ("requests", "prompt_tokens", "completion_tokens", "errors"):
-            into[count] = into.get(count, 0) + int(row.get(count) or 0)
-    return sorted(merged.values(), key=lambda r: -r.get("requests", 0))
-
-
-def _row_key(row: dict[str, Any]) -> str:
-    return f"{row.get('model')}|{row.get('key')}"
+        self.query_one("#chart-rpm", BrailleChart).show(list(model.usage_rpm))
+        self.query_one("#chart-tps", BrailleChart).show(list(model.usage_tps))
