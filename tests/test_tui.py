@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import pytest
 from textual.widgets import DataTable, Input, Log, Static
 
@@ -21,7 +22,7 @@ from tinymodels import write_tiny_gguf
 from gpumesh.tui.app import GpumeshConsole
 from gpumesh.tui.table import LiveTable
 from gpumesh.tui.modals import (ConfirmModal, DeployModal, HelpModal, NewKeyModal,
-                                NumberModal)
+                                NumberModal, SecretModal)
 
 WAIT_S = 60.0
 
@@ -229,8 +230,57 @@ def test_instances_log_and_keys_dialogs(node: Daemon) -> None:
             await pilot.press("ctrl+s")              # no name yet: refused in the form
             assert isinstance(app.screen, NewKeyModal)
             assert "name" in str(app.screen.query_one("#error", Static).render())
+            await pilot.press(*"console-key", "tab", "tab", *"7", "ctrl+s")
+            # The key, once, in a dialog with a copy button; it works at once.
+            await until(pilot, lambda: isinstance(app.screen, SecretModal), "the new key")
+            created["key"] = app.screen.key
+            assert created["key"].startswith("gm-")
+            await pilot.press("c")                   # copy (OSC 52): a notice, no error
             await pilot.press("escape")
-            assert not isinstance(app.screen, NewKeyModal)
+            await until(pilot, lambda: any(r[1] == "console-key" for r in
+                                           rows(app, "keys").values()), "the key's row")
+            key_id, cells = next((k, r) for k, r in rows(app, "keys").items()
+                                 if r[1] == "console-key")
+            assert "(7d)" in cells[5] or "(6d)" in cells[5]      # expires in a week
+            assert (await asyncio.to_thread(node.request, "GET", "/v1/models",
+                                            key=created["key"]))[0] == 200
+            table = app.screen.query_one("#keys", DataTable)
+            table.move_cursor(row=table.get_row_index(key_id))
+            await pilot.press("x")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmModal), "the question")
+            await pilot.press("y")
+            await until(pilot, lambda: key_id not in rows(app, "keys"), "the revocation")
+            assert (await asyncio.to_thread(node.request, "GET", "/v1/models",
+                                            key=created["key"]))[0] == 401
+            await pilot.press("q")
+        assert app.return_code == 0
+
+    created: dict[str, str] = {}
+    asyncio.run(scenario())
+
+
+def test_usage_view_counts_requests_as_they_are_served(node: Daemon) -> None:
+    async def scenario() -> None:
+        app = console(node)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await live(pilot)
+            await pilot.press("6")
+            api = openai.OpenAI(base_url=node.url + "/v1", api_key=node.admin_key,
+                                max_retries=0, timeout=60)
+            for _ in range(3):
+                await asyncio.to_thread(api.chat.completions.create, model="tiny",
+                                        max_tokens=4, messages=[{"role": "user",
+                                                                 "content": "hi"}])
+            # The node folds its usage into the state about once a second; the stream
+            # brings the hour's rows, and the view shows the rate of the last minute.
+            await until(pilot, lambda: any(r[0] == "tiny" and r[5] not in ("-", "0.0")
+                                           for r in rows(app, "usage").values()), "a rate")
+            await pilot.press("1", "6")               # showing the view asks for totals
+            await until(pilot, lambda: any(r[0] == "tiny" and r[2].isdigit()
+                                           and int(r[2]) >= 3
+                                           for r in rows(app, "usage").values()),
+                        "the 24-hour totals")
+            assert app.model.usage_rpm and app.model.usage_rpm[-1] is not None
             await pilot.press("q")
         assert app.return_code == 0
 

@@ -162,7 +162,10 @@ def test_usage_rates_from_the_hours_a_node_folds() -> None:
     assert model.usage_counted[("m", "k1")] == (9, 90, 0)
     now[0] = 1040.0
     rpm, tps = model.usage_rates()[("m", "k1")]
-    assert rpm == 60 * 6 / 30 and tps == 60 / 30           # since the first fold, 30 s ago
+    assert rpm == 60 * 9 / 40 and tps == 90 / 40           # since the snapshot, 40 s ago
+    now[0] = 1080.0                                         # a minute on: since the 2nd fold
+    rpm, tps = model.usage_rates()[("m", "k1")]
+    assert rpm == 60 * 6 / 70 and tps == 60 / 70
     # A new hour: its rows start from zero, the counters keep growing; old hours are dropped.
     for hour in ("7200", "10800"):
         model.apply("change", {"changes": [{"collection": "usage", "op": "upsert", "id": hour,

@@ -94,7 +94,9 @@ class ClusterModel:
         self.has_users = "users" in data
         self.has_usage = "usage" in data
         self.usage = dict(data.get("usage") or {})
+        self.usage_counted = {}
         self.usage_marks.clear()
+        self.usage_marks.append((self.clock(), {}))   # the baseline: nothing counted yet
         self.ready = True
         self._note(f"attached to node {self._node_label(self.node_id)}")
         return {*COLLECTIONS, "usage", "raft", "log", "telemetry"}
