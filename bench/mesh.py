@@ -77,15 +77,18 @@ def bench_joins(work: Path, rounds: int) -> None:
                                 f"j{how.strip('-')}{i}", "--token", token, *extra)
                 joiner.key = founder.admin_key
                 started = time.perf_counter()
-                joiner.launch()
-                joiner.wait_healthy(60)
-                members = wait_until(lambda: raft(founder)["members"].count(
-                    f"127.0.0.1:{joiner.raft_port}") == 1, 30)
-                times.append(time.perf_counter() - started)
-                found = "(mDNS) answered" in joiner.output()
-                # Leave the cluster again, so every round joins a 1-node cluster.
-                joiner.cli("node", "rm", f"j{how.strip('-')}{i}", "--url", founder.url)
-                joiner.process.wait(30)                     # type: ignore[union-attr]
+                try:
+                    joiner.launch()
+                    joiner.wait_healthy(60)
+                    members = wait_until(lambda: raft(founder)["members"].count(
+                        f"127.0.0.1:{joiner.raft_port}") == 1, 30)
+                    times.append(time.perf_counter() - started)
+                    found = "(mDNS) answered" in joiner.output()
+                    # Leave the cluster again, so every round joins a 1-node cluster.
+                    joiner.cli("node", "rm", f"j{how.strip('-')}{i}", "--url", founder.url)
+                    joiner.process.wait(30)                 # type: ignore[union-attr]
+                finally:
+                    joiner.kill()
                 if how == "mDNS" and not found:
                     print("   (this round did not find the member by mDNS)")
                 assert members is not None
