@@ -261,6 +261,19 @@ def test_every_vendor_has_a_probe_and_a_visibility_variable() -> None:
         visible_devices_env("metax", ())
 
 
+def test_backends_hand_engines_the_vendors_variable() -> None:
+    from gpumesh.backends.base import LaunchRequest
+    from gpumesh.backends.base import visible_devices_env as backend_env
+
+    every = frozenset(VENDORS)
+    for vendor in VENDORS:
+        request = LaunchRequest(model_path="m", served_name="m", port=1, gpu_vendor=vendor,
+                                gpu_indices=(2, 3))
+        assert backend_env(request, every, "engine") == visible_devices_env(vendor, (2, 3))
+    cpu = LaunchRequest(model_path="m", served_name="m", port=1)
+    assert backend_env(cpu, every, "engine")["CUDA_VISIBLE_DEVICES"] == "-1"
+
+
 # --- a real daemon: --gpus, the node record, telemetry ---------------------------------------
 
 def test_daemon_offers_only_its_gpus_and_serves_their_telemetry(tmp_path: Path) -> None:
