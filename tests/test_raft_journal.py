@@ -230,3 +230,24 @@ def test_a_full_disk_refuses_writes_hands_over_and_recovers(tiny_disks):
         finally:
             await asyncio.gather(*(s.stop() for s in stores.values()))
     asyncio.run(main())
+
+
+def test_a_resent_append_of_the_same_term_keeps_entries_and_a_conflict_drops_them(tmp_path):
+    journal = DurableJournal(tmp_path / "journal")
+    for idx in range(1, 6):
+        journal.add(f"c{idx}".encode(), idx, 2)
+    # pysyncobj handling a stale resend of entry 3 (term 2) asks to truncate from 3 and
+    # re-adds entry 3: nothing this node acked (4, 5) may go.
+    journal.begin_message(2)
+    journal.deleteEntriesFrom(2)
+    journal.add(b"c3", 3, 2)
+    journal.end_message()
+    assert [e[1] for e in journal] == [1, 2, 3, 4, 5]
+    # A leader of term 3 whose log differs from index 4: those entries are replaced.
+    journal.begin_message(3)
+    journal.deleteEntriesFrom(3)
+    journal.add(b"other", 4, 3)
+    journal.end_message()
+    assert list(journal)[3:] == [(b"other", 4, 3)]
+    journal._destroy()
+    assert [e[1] for e in DurableJournal(tmp_path / "journal")] == [1, 2, 3, 4]

@@ -57,6 +57,11 @@ def last_response_times(raft: SyncObj) -> dict[Any, float]:
     return dict(raft._SyncObj__lastResponseTime)
 
 
+def commands_pending(raft: SyncObj) -> bool:
+    """Commands queued for the tick thread that no tick has taken yet."""
+    return bool(raft._SyncObj__commandsQueue._FastQueue__queue)
+
+
 def leader_noop_applied(raft: SyncObj) -> bool:
     """A new leader may change the membership only after its term's no-op is applied."""
     noop = raft._SyncObj__noopIDx
@@ -85,14 +90,16 @@ def journal_of(raft: SyncObj) -> Any:
     return raft._SyncObj__raftLog
 
 
-def install(codec: Any, create_journal: Callable[[str | None], Any]) -> None:
-    """Replace pickle and the journal inside pysyncobj, for the whole process.
+def install(codec: Any, create_journal: Callable[[str | None], Any],
+            create_poller: Callable[[str], Any]) -> None:
+    """Replace pickle, the journal and the poller inside pysyncobj, for the whole process.
 
     pysyncobj reaches pickle through a module-global name `pickle` in each module that
     serialises (`syncobj`: commands, membership entries, chunked entries; `serializer`:
     snapshots; `tcp_connection`: its wire, unused with gpumesh's transport), and builds its
-    journal through the module-global `createJournal`. Rebinding those names swaps both
-    without a fork; `codec` must offer pickle's dumps/loads/dump/load/to_bytes."""
+    journal and poller through the module-globals `createJournal` and `createPoller`.
+    Rebinding those names swaps them without a fork; `codec` must offer pickle's
+    dumps/loads/dump/load/to_bytes."""
     import pysyncobj.serializer
     import pysyncobj.syncobj
     import pysyncobj.tcp_connection
@@ -100,3 +107,4 @@ def install(codec: Any, create_journal: Callable[[str | None], Any]) -> None:
     for module in (pysyncobj.syncobj, pysyncobj.serializer, pysyncobj.tcp_connection):
         module.pickle = codec
     pysyncobj.syncobj.createJournal = create_journal
+    pysyncobj.syncobj.createPoller = create_poller

@@ -7,12 +7,20 @@ plain writes:
 
 * File: a 16-byte header (`MAGIC`), then records `<u32 length><u32 crc32><u64 index>
   <u64 term><command>`, the CRC over index, term and command. `add` writes the record at
-  the end and `fdatasync`s it before the entry joins the in-memory list, so an entry is
-  counted (acked, or committed by a leader) only once it is on disk.
+  the end; `sync()` fdatasyncs whatever was added since the last one. The node calls it
+  before anything leaves for a peer and before each tick (whose commit scan counts this
+  node's own log), so an entry is acked or counted only once it is on disk, and a burst
+  of entries costs one fdatasync (group commit), not one each.
 * Start-up reads every record. A record cut short at the end (a crash mid-write) is
   truncated away and reported; a bad record *followed by more data* is damage, and the
   journal refuses to open, naming the file and the byte — guessing would risk the log.
-* `deleteEntriesFrom` (a follower dropping a conflicting tail) truncates and fsyncs;
+* `deleteEntriesFrom` (a follower dropping a conflicting tail) truncates and fsyncs — but
+  only on a real conflict. pysyncobj truncates whenever a leader's append overlaps the
+  tail it already has, which pipelining does all the time (a stale ack sends the leader's
+  next index back, and it resends); with a resend cut short by the batch size that would
+  drop entries this node had acked. Raft truncates only on a conflict, so while the
+  transport delivers an append (`begin_message`), entries of the sender's own term are
+  kept and a resent copy of one is skipped (entries of one term match the leader's log).
   `deleteEntriesTo` (compaction) writes the kept records to a new file, fsyncs it and
   renames it over the old one, after fsyncing the snapshot that replaces what is dropped.
 * `<journal>.meta` (`meta.TermFile`: term, vote, commit index as JSON in two preallocated
@@ -34,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,7 @@ __all__ = ["DurableJournal", "JournalWriteError", "MAGIC"]
 log = logging.getLogger("gpumesh.raft")
 
 MAGIC = b"gpumesh-raft-j1\n"
+_delivering = threading.local()
 _RECORD = struct.Struct("<IIQQ")
 _MAX_RECORD = 64 << 20
 
@@ -78,6 +88,9 @@ class DurableJournal(Journal):
             write_atomically(path, MAGIC)
         self._entries: list[tuple[bytes, int, int]] = []
         self._offsets: list[int] = []            # where each entry's record starts
+        self._unsynced = False
+        self._message_term: int | None = None    # the term of the append being handled
+        self._kept_from: int | None = None       # a deferred truncation point (see above)
         self._fd = os.open(path, os.O_RDWR)
         try:
             self._end = self._load()
@@ -151,13 +164,57 @@ class DurableJournal(Journal):
 
     # --- pysyncobj's Journal interface -----------------------------------------------------
 
+    def begin_message(self, append_term: int | None) -> None:
+        """The transport is delivering a message; for an append, the sender's term."""
+        self._message_term, self._kept_from = append_term, None
+        _delivering.journal = self
+
+    def end_message(self) -> None:
+        self._message_term, self._kept_from = None, None
+        _delivering.journal = None
+
+    @staticmethod
+    def delivering() -> "DurableJournal | None":
+        """The journal whose node is handling a message on this thread, if any."""
+        return getattr(_delivering, "journal", None)
+
+    def keeps_from(self, index: int) -> bool:
+        """Would a truncation from log index `index` be kept (deferred) now?"""
+        if self._message_term is None or not self._entries:
+            return False
+        position = index - self._entries[0][1]
+        return 0 <= position < len(self._entries) and \
+            all(entry[2] == self._message_term for entry in self._entries[position:])
+
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._kept_from is not None:
+            position = self._kept_from
+            if position < len(self._entries) and self._entries[position] == (command, idx, term):
+                self._kept_from += 1                 # a resent entry this node already has
+                return
+            self._kept_from = None
+            if position < len(self._entries):        # a real conflict after all
+                self._drop_from(position)
         body = struct.pack("<QQ", idx, term) + command
         record = struct.pack("<II", len(command), zlib.crc32(body)) + body
-        self._write_at(self._end, record, command)
+        self._write_at(self._end, record, command, sync=False)
         self._entries.append((command, idx, term))
         self._offsets.append(self._end)
         self._end += len(record)
+        self._unsynced = True
+
+    def sync(self) -> None:
+        """Make every added entry durable. A failed fdatasync is fatal: which entries
+        reached the disk is then unknown, and the node must stop acking anything."""
+        if not self._unsynced:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._failed(exc)
+            raise JournalWriteError(exc.errno or 0, self.failure or str(exc), None,
+                                    fatal=True) from None
+        self._unsynced = False
 
     def clear(self) -> None:
         self._truncate(len(MAGIC))
@@ -166,6 +223,15 @@ class DurableJournal(Journal):
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom >= len(self._entries):
             return
+        if self._message_term is not None and \
+                all(entry[2] == self._message_term for entry in self._entries[entryFrom:]):
+            self._kept_from = entryFrom              # no conflict possible: see the docstring
+            return
+        self._drop_from(entryFrom)
+
+    def _drop_from(self, entryFrom: int) -> None:
+        log.info("Raft journal: dropping %d entries from index %d that the leader's log "
+                 "replaces", len(self._entries) - entryFrom, self._entries[entryFrom][1])
         self._truncate(self._offsets[entryFrom])
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
@@ -195,6 +261,7 @@ class DurableJournal(Journal):
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR)
         self._entries, self._offsets, self._end = kept, offsets, len(records)
+        self._unsynced = False
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -245,6 +312,7 @@ class DurableJournal(Journal):
 
     def _destroy(self) -> None:
         try:
+            self.sync()
             self.onOneSecondTimer()
         finally:
             os.close(self._fd)
@@ -252,14 +320,16 @@ class DurableJournal(Journal):
 
     # --- writing ---------------------------------------------------------------------------
 
-    def _write_at(self, offset: int, data: bytes, command: bytes | None) -> None:
+    def _write_at(self, offset: int, data: bytes, command: bytes | None,
+                  sync: bool = True) -> None:
         try:
             view = memoryview(data)
             position = offset
             while view:
                 written = os.pwrite(self._fd, view, position)
                 view, position = view[written:], position + written
-            os.fdatasync(self._fd)
+            if sync:
+                os.fdatasync(self._fd)
         except OSError as exc:
             try:
                 os.ftruncate(self._fd, offset)       # never leave half a record behind
@@ -272,6 +342,7 @@ class DurableJournal(Journal):
         os.ftruncate(self._fd, length)
         os.fsync(self._fd)
         self._end = length
+        self._unsynced = False
 
     def _save_meta(self, fatal: bool = False) -> None:
         self._meta.setdefault("term", 0)

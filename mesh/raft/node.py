@@ -39,6 +39,7 @@ from .errors import StartupRefused
 from .internals import clock
 from .journal import DurableJournal, JournalWriteError
 from .members import MemberFile
+from .poller import CountingPoller
 from .transport import MIN_SECRET_LENGTH, GmTransport
 
 __all__ = ["RaftNode", "RaftStatus", "PeerStatus"]
@@ -112,6 +113,21 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+class _ResendNotice(logging.Filter):
+    """pysyncobj logs CRITICAL whenever a resent append overlaps applied entries. When the
+    journal will keep them (same term, no conflict: journal.py) it is not news; a real
+    conflict with applied entries still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("truncating already-applied log entries"):
+            return True
+        journal = DurableJournal.delivering()
+        return not (journal is not None and isinstance(record.args, tuple)
+                    and journal.keeps_from(record.args[0]))
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_ResendNotice())
+
 # pysyncobj builds its journal from the path alone; the snapshot beside it (fsynced before
 # compaction drops entries) is registered here by the node about to be constructed.
 _SNAPSHOT_OF: dict[str, Path] = {}
@@ -131,7 +147,7 @@ class RaftNode:
                  consumers: list[SyncObjConsumer],
                  on_status: Callable[[RaftStatus], None],
                  on_write_lost: Callable[[bytes], None] = lambda payload: None) -> None:
-        internals.install(codec, _create_journal)
+        internals.install(codec, _create_journal, lambda kind: CountingPoller())
         self.self_address = self_address
         self._secret = secret
         self._journal_file = journal_file
@@ -218,6 +234,8 @@ class RaftNode:
         self._raft = raft
         self._journal = internals.journal_of(raft)
         self._transport = internals.transport_of(raft)
+        self._transport.before_flush = self._journal.sync
+        self._transport.journal = self._journal
         self._record_members(tuple(sorted(members)))
         self._thread = threading.Thread(target=self._run, name="gpumesh-raft", daemon=False)
         self._thread.start()
@@ -262,16 +280,20 @@ class RaftNode:
     # --- the tick thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        raft = self._raft
-        assert raft is not None
+        raft, transport = self._raft, self._transport
+        assert raft is not None and transport is not None
         try:
             while not self._stopping.is_set():
                 self._run_calls(raft)
                 self.ticks += 1
                 try:
+                    handled = raft._poller.dispatched
                     raft.doTick(0.0)
+                    transport.flush()        # journal durable, then every message queued
                     self._publish(raft)
-                    raft._poller.poll(self._wait_seconds(raft))
+                    # Messages the tick's own final poll took leave work for a next tick.
+                    late = raft._poller.dispatched != handled
+                    raft._poller.poll(0.0 if late else self._wait_seconds(raft))
                 except JournalWriteError as exc:
                     self._journal_failed(exc)
                 except Exception:  # noqa: BLE001 - one bad tick must not stop replication
@@ -331,6 +353,10 @@ class RaftNode:
         return failure
 
     def _wait_seconds(self, raft: SyncObj) -> float:
+        if internals.commands_pending(raft) or not self._calls.empty():
+            # Queued after this tick looked, and its wake-up may have been consumed by the
+            # tick's own poll: without this it would wait for the next message or timer.
+            return 0.0
         now = clock()
         if raft._isLeader():
             if self._in_flight and now < self._busy_until:

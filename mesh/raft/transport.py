@@ -23,6 +23,9 @@ class (`GmTransport`, with its own connection and server classes) that speaks:
   plain state-machine call (a membership or version change, or bytes that do not decode).
 * Unauthenticated connections are cut after `HANDSHAKE_DEADLINE_S`, and at most
   `MAX_PENDING` of them exist at once (more are closed as they are accepted).
+* Messages are buffered and leave together (`flush`) at the end of each tick and of each
+  batch of received frames, after the journal is made durable (`before_flush`): one
+  fdatasync covers a burst of entries, and no ack gets ahead of the disk.
 
 The leader-FIN hook lives here too: when the leader's connection closes, followers start
 an election at once, in address order (`RaftNode` explains).
@@ -254,9 +257,17 @@ class GmConnection:
                                | POLL_EVENT_TYPE.ERROR)
 
     def send(self, message: Any) -> None:
+        """Seal and buffer; the transport flushes after the journal is durable (`flush`)."""
         if self._send_cipher is None:
             return
-        self._queue(self._send_cipher.seal(codec.dumps(message)))
+        data = self._send_cipher.seal(codec.dumps(message))
+        if len(self._write) + len(data) > _MAX_UNSENT:
+            log.warning("Raft peer %s stopped reading (%d bytes unsent); closing",
+                        self.peer or self.remote, len(self._write))
+            self.disconnect()
+            return
+        self._write += data
+        self._transport.pending.add(self)
 
     def disconnect(self) -> None:
         notify = self._on_disconnected is not None and \
@@ -287,6 +298,14 @@ class GmConnection:
         # Only socket failures and protocol violations close the connection here; whatever
         # pysyncobj raises while handling a message (a journal that cannot write) goes up
         # to the tick loop, which knows what to do with it.
+        try:
+            self._process(event)
+        finally:
+            # Whatever handling the frames queued (acks, answers) leaves now, in one go,
+            # once the journal entries it acknowledges are on disk.
+            self._transport.flush()
+
+    def _process(self, event: int) -> None:
         try:
             if event & POLL_EVENT_TYPE.ERROR:
                 raise _Closed()
@@ -420,6 +439,9 @@ class GmConnection:
         self._write += data
         self._flush()
 
+    def flush(self) -> None:
+        self._flush()
+
     def _flush(self) -> None:
         while self._write and self._socket is not None:
             try:
@@ -502,6 +524,10 @@ class GmTransport(TCPTransport):
         self.key = cluster_key(secret)
         self.self_address = selfNode.address
         self._refusals: dict[str, float] = {}
+        self.pending: set[GmConnection] = set()      # connections with buffered messages
+        self.journal: Any = None                     # told where each message starts and ends
+        # Called before buffered messages leave: makes the journal durable (RaftNode sets it).
+        self.before_flush: Callable[[], None] = lambda: None
         super().__init__(syncObj, selfNode, otherNodes)
 
     # --- hooks TCPTransport calls ----------------------------------------------------------
@@ -519,6 +545,17 @@ class GmTransport(TCPTransport):
             conn.setOnMessageReceivedCallback(lambda m, n=node: self._onMessageReceived(n, m))
             conn.setOnDisconnectedCallback(lambda c=conn: self._onDisconnected(c))
             self._connections[node] = conn
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        journal = self.journal
+        if journal is None:
+            super()._onMessageReceived(node, message)
+            return
+        journal.begin_message(message["term"] if message["type"] == "append_entries" else None)
+        try:
+            super()._onMessageReceived(node, message)
+        finally:
+            journal.end_message()
 
     def _onOutgoingConnected(self, conn: GmConnection) -> None:
         node = self._connToNode(conn)
@@ -542,6 +579,17 @@ class GmTransport(TCPTransport):
             rank = sorted([*others, raft.selfNode.id]).index(raft.selfNode.id)
             delay = _FIN_ELECTION_DELAY_S + rank * _FIN_RANK_STEP_S + random.uniform(0, 0.02)
             internals.set_election_deadline(raft, clock() + delay)
+
+    def flush(self) -> None:
+        """Send what messages are buffered, after the journal is durable: nothing this node
+        says (an ack, a vote, an append) may get ahead of what it has stored."""
+        if not self.pending:
+            self.before_flush()
+            return
+        self.before_flush()
+        pending, self.pending = self.pending, set()
+        for conn in pending:
+            conn.flush()
 
     # --- what connections ask --------------------------------------------------------------
 
@@ -579,6 +627,8 @@ class GmTransport(TCPTransport):
         if not isinstance(message, dict) or message.get("type") not in _PEER_TYPES:
             kind = message.get("type") if isinstance(message, dict) else type(message).__name__
             raise _Refused(f"a message of type {kind!r} (not a Raft peer message)")
+        if message["type"] == "append_entries" and not isinstance(message.get("term"), int):
+            raise _Refused("an append without a term")
         if message["type"] == "apply_command":
             command = message.get("command")
             if not (isinstance(command, bytes) and command[:1] == bytes([_REGULAR_COMMAND])):
