@@ -21,6 +21,7 @@ from gpumesh.backends.base import LaunchSpec
 from gpumesh.backends.versions import BackendVersions
 
 from .instance import InstanceSupervisor, Timings
+from .rpc_workers import RpcWorker, rpc_duties
 from .runtimes.base import Runtime
 from .runtimes.container import ContainerRuntime
 from .runtimes.process import ProcessRuntime
@@ -37,7 +38,8 @@ class NodeAgent:
     def __init__(self, *, node_id: str, store: ClusterStore, session: aiohttp.ClientSession,
                  model_cache: Path, log_dir: Path, versions: BackendVersions,
                  on_installed: Callable[[], Awaitable[None]] | None = None,
-                 timings: Timings = Timings(), engine_secret: bytes | None = None) -> None:
+                 timings: Timings = Timings(), engine_secret: bytes | None = None,
+                 advertise_host: str = "127.0.0.1") -> None:
         self._node_id = node_id
         self._engine_secret = engine_secret   # engines' per-instance keys derive from it
         self._store = store
@@ -49,6 +51,10 @@ class NodeAgent:
         self._timings = timings
         self._process_runtime = ProcessRuntime()
         self._container_runtime = ContainerRuntime(node_id)
+        self._advertise_host = advertise_host    # where this node's rpc-servers listen
+        self._rpc_workers: dict[str, RpcWorker] = {}
+        self._stopping_rpc: set[asyncio.Task[None]] = set()
+        self._rpc_stopping_now: list[RpcWorker] = []
         self._supervisors: dict[str, InstanceSupervisor] = {}
         # Supervisors told to stop whose engines may still be exiting: a second Ctrl-C
         # (kill_now) must still reach them.
@@ -106,6 +112,7 @@ class NodeAgent:
                 on_installed=self._on_installed, engine_secret=self._engine_secret)
             self._supervisors[instance_id] = supervisor
             supervisor.start()
+        self._reconcile_rpc_workers(view)
         for instance_id in self._supervisors.keys() - wanted:
             log.info("instance %s is no longer assigned here; stopping it", instance_id)
             self._begin_stop(instance_id, remove_logs=True)
@@ -117,6 +124,22 @@ class NodeAgent:
         self._stopping[supervisor] = task
         task.add_done_callback(lambda _: self._stopping.pop(supervisor, None))
 
+    def _reconcile_rpc_workers(self, view: StateView) -> None:
+        """rpc-servers this node runs for instances on other nodes (llama.cpp over RPC)."""
+        duties = rpc_duties(view.instances.values(), self._node_id)
+        for instance_id, worker in duties.items():
+            if instance_id not in self._rpc_workers:
+                rpc = RpcWorker(instance_id, worker, node_id=self._node_id,
+                                host=self._advertise_host, store=self._store,
+                                log_file=self._log_dir / f"{instance_id}.rpc.log")
+                self._rpc_workers[instance_id] = rpc
+                rpc.start()
+        for instance_id in self._rpc_workers.keys() - duties.keys():
+            rpc = self._rpc_workers.pop(instance_id)
+            task = asyncio.create_task(rpc.stop(), name=f"stop-rpc-{instance_id}")
+            self._stopping_rpc.add(task)
+            task.add_done_callback(self._stopping_rpc.discard)
+
     async def _retire(self, supervisor: InstanceSupervisor, remove_logs: bool) -> None:
         await supervisor.stop()
         if remove_logs:                 # gone from the state; on shutdown they stay
@@ -126,13 +149,19 @@ class NodeAgent:
         """Stop every engine this node runs and wait until they are gone."""
         for instance_id in list(self._supervisors):
             self._begin_stop(instance_id)
-        await asyncio.gather(*self._stopping.values(), return_exceptions=True)
+        rpc_workers = list(self._rpc_workers.values())
+        self._rpc_workers.clear()
+        self._rpc_stopping_now = rpc_workers        # a second Ctrl-C still reaches them
+        await asyncio.gather(*self._stopping.values(), *(r.stop() for r in rpc_workers),
+                             *self._stopping_rpc, return_exceptions=True)
 
     def kill_now(self) -> None:
         """The user insisted (second Ctrl-C): SIGKILL every engine without waiting, those
         already stopping included."""
         for supervisor in [*self._supervisors.values(), *self._stopping]:
             supervisor.kill_now()
+        for rpc in [*self._rpc_workers.values(), *self._rpc_stopping_now]:
+            rpc.kill_now()
 
     @property
     def running(self) -> list[str]:

@@ -279,6 +279,7 @@ class Daemon:
                                model_cache=self.data.root / "models",
                                log_dir=self.data.root / "logs", versions=self.versions,
                                on_installed=self._refresh_backends,
+                               advertise_host=self.config.advertise or self.config.host,
                                timings=Timings(
                                    health_interval_s=self.config.engine_health_interval_s,
                                    healthy_uptime_s=self.config.engine_healthy_uptime_s),

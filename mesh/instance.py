@@ -143,7 +143,8 @@ class InstanceSupervisor:
             return
         path = await self._fetch(model)
         engine = await self._choose_engine(model)
-        request = self._launch_request(instance, model, path, engine)
+        rpc_servers = await self._rpc_servers(instance)
+        request = self._launch_request(instance, model, path, engine, rpc_servers)
         try:
             # Off the loop: a backend may read the model's headers (llama.cpp reads the
             # GGUF context length; ~50 ms for a 150k-token vocabulary).
@@ -231,8 +232,30 @@ class InstanceSupervisor:
             await self._on_installed()
         return found
 
+    async def _rpc_servers(self, instance: dict[str, Any]) -> tuple[str, ...]:
+        """For a model spread over nodes (llama.cpp RPC): the workers' rpc-servers, in the
+        allocation's order, once every worker node has recorded one (rpc_workers.py)."""
+        allocation = instance.get("allocation") or {}
+        if allocation.get("mechanism") != "llama.cpp-rpc":
+            return ()
+        workers = [w["node_id"] for w in allocation.get("workers") or []]
+        await self._report("starting", reason=f"waiting for rpc-servers on {len(workers)} "
+                           "worker node(s)")
+        deadline = time.monotonic() + self._timings.startup_timeout_s
+        version = -1
+        endpoints: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            view = await self._store.wait_changed(version, timeout=1.0)
+            version = view.version
+            endpoints = (view.instances.get(self.instance_id) or {}).get("rpc_endpoints") or {}
+            if all(node in endpoints for node in workers):
+                return tuple(endpoints[node] for node in workers)
+        missing = [node for node in workers if node not in endpoints]
+        raise InstanceFailed(f"no rpc-server answered from worker node(s) {', '.join(missing)} "
+                             f"within {self._timings.startup_timeout_s:.0f} s")
+
     def _launch_request(self, instance: dict[str, Any], model: dict[str, Any], path: Path,
-                        engine: _Engine) -> LaunchRequest:
+                        engine: _Engine, rpc_servers: tuple[str, ...] = ()) -> LaunchRequest:
         allocation = instance.get("allocation", {})
         estimate = model.get("estimate") or {}
         kind = model.get("kind") or "llm"
@@ -246,6 +269,7 @@ class InstanceSupervisor:
             device_memory_bytes=self._device_memory(allocation),
             weights_bytes=estimate.get("weights_bytes"), engine_home=engine.home,
             image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None,
+            rpc_servers=rpc_servers,
             # Only this node's gateway can compute it (mesh/auth.py): nothing else on the
             # host can call the engine.
             api_key=(engine_key(self._engine_secret, self.instance_id)

@@ -131,6 +131,38 @@ def test_a_bad_engine_argument_shows_the_engines_own_error_line(node: Daemon,
     assert node.cli("rm", "bad-arg").returncode == 0
 
 
+def test_embedding_and_rerank_kinds_are_detected_and_served(node: Daemon,
+                                                            workdir: Path) -> None:
+    """A GGUF that declares mean pooling is an embedding model and one with rank pooling a
+    reranker: detected at deploy, started with --embeddings / --reranking, and answered
+    through the gateway on their own routes only."""
+    embedder = write_tiny_gguf(workdir / "embed" / "e.gguf", pooling="mean")
+    reranker = write_tiny_gguf(workdir / "rerank" / "r.gguf", pooling="rank")
+    for path, name in ((embedder, "embed"), (reranker, "rank")):
+        done = node.cli("deploy", str(path), "--name", name, "--wait", "--timeout", "60")
+        assert done.returncode == 0, done.stderr
+    assert node.api("/api/models/embed")[1]["kind"] == "embedding"
+    assert node.api("/api/models/rank")[1]["kind"] == "rerank"
+
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key=node.admin_key, max_retries=0,
+                           timeout=30)
+    vectors = client.embeddings.create(model="embed", input=["hello world", "abc"])
+    assert [len(v.embedding) for v in vectors.data] == [64, 64]
+    with pytest.raises(openai.BadRequestError):           # an embedding model does not chat
+        client.chat.completions.create(model="embed", messages=CHAT, max_tokens=4)
+
+    request = urllib.request.Request(
+        node.url + "/v1/rerank", method="POST",
+        data=json.dumps({"model": "rank", "query": "hello",
+                         "documents": ["hello world", "abc", "xyz"]}).encode(),
+        headers={"Authorization": f"Bearer {node.admin_key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        ranked = json.loads(reply.read())
+    assert sorted(r["index"] for r in ranked["results"]) == [0, 1, 2]
+    for name in ("embed", "rank"):
+        assert node.cli("rm", name).returncode == 0
+
+
 def test_removing_a_model_removes_its_logs(node: Daemon, tiny_model: Path) -> None:
     logs = node.data_dir / "logs"
     instance = wait_instance(node, lambda i: i["state"] == "running")

@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["CHAT_TEMPLATE", "write_tiny_gguf", "write_tiny_hf_llama"]
+__all__ = ["CHAT_TEMPLATE", "write_projector_header", "write_tiny_gguf", "write_tiny_hf_llama"]
 
 # A minimal Jinja chat template (rendered by llama.cpp's own engine), so that
 # /v1/chat/completions works without any template guessing by the server.
@@ -42,8 +42,12 @@ def write_tiny_gguf(
     n_ff: int = 128,
     context_length: int = 256,
     seed: int = 0,
+    pooling: str | None = None,
 ) -> Path:
-    """Write a random-weight Llama model in GGUF (all F32) to `path` and return `path`."""
+    """Write a random-weight Llama model in GGUF (all F32) to `path` and return `path`.
+
+    `pooling` ("mean", "rank" …) declares the model an embedding model (or a reranker) the
+    way converted embedding GGUFs do, in `llama.pooling_type`."""
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
     path = Path(path)
@@ -51,6 +55,8 @@ def write_tiny_gguf(
     writer = gguf.GGUFWriter(str(path), "llama")
     n_vocab = _add_tokenizer(writer)
     _add_hparams(writer, n_layer, n_embd, n_head, n_head_kv, n_ff, context_length)
+    if pooling is not None:
+        writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
     _add_tensors(writer, np.random.default_rng(seed), n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -204,3 +210,15 @@ def _write_hf_tokenizer(directory: Path) -> int:
         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
         "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}))
     return len(tokens)
+
+
+def write_projector_header(path: Path) -> Path:
+    """A GGUF whose architecture is `clip`: what a VLM's mmproj file declares (header only;
+    enough for kind detection, not for loading)."""
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name("gpumesh-tiny-mmproj")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

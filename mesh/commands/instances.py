@@ -69,8 +69,30 @@ def _delete_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
 
 
 
+def _set_rpc_endpoint(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    """A worker node says where its llama.cpp rpc-server for an instance listens ("host:port"),
+    or that it stopped (None). Only a node the instance's allocation names as a worker may,
+    and each node writes its own entry, so workers never overwrite one another."""
+    current = state["instances"].get(cmd["id"])
+    if current is None:
+        raise CommandError("instance_not_found", f"no instance {cmd['id']!r}")
+    workers = [w["node_id"] for w in (current.get("allocation") or {}).get("workers") or []]
+    if cmd["node_id"] not in workers:
+        raise CommandError("not_a_worker", f"node {cmd['node_id']!r} is not a worker of "
+                           f"instance {cmd['id']!r}")
+    endpoints = dict(current.get("rpc_endpoints") or {})
+    if cmd.get("endpoint"):
+        endpoints[cmd["node_id"]] = str(cmd["endpoint"])
+    else:
+        endpoints.pop(cmd["node_id"], None)
+    instances = dict(state["instances"])
+    instances[cmd["id"]] = {**current, "rpc_endpoints": endpoints}
+    return {"instances": instances}, {"ok": True, "rpc_endpoints": endpoints}
+
+
 HANDLERS = {
     "create_instance": _create_instance,
     "update_instance": _update_instance,
     "delete_instance": _delete_instance,
+    "set_rpc_endpoint": _set_rpc_endpoint,
 }
