@@ -130,6 +130,11 @@ class ReplicaReconciler:
                               new_instance_id, self._evict_idle_s)
             try:
                 for command in commands:
+                    if command["op"] == "create_instance":
+                        # apply_command re-checks capacity with the scheduler's reserves.
+                        command = {**command, "limits": {
+                            "reserved_memory_bytes": self._scheduler.reserved_memory_bytes,
+                            "gpu_memory_fraction": self._scheduler.gpu_memory_fraction}}
                     await self._store.submit(command)
             except CommandRejected as exc:   # raced with a delete or a node change: next pass
                 log.debug("reconcile %s: %s", name, exc)

@@ -115,7 +115,7 @@ def test_ram_is_never_promised_twice():
     state, _ = apply_command(state, _create(_instance("i1", "m", "cpu-node", gib=10)))
     _, result = apply_command(state, _create(_instance("i2", "m", "cpu-node", gib=7)))
     assert result["code"] == "no_capacity"
-    assert f"{6 * GIB} bytes of RAM left" in result["error"]
+    assert f"the RAM of node cpu-node has {6 * GIB} bytes left" in result["error"]
     _, fits = apply_command(state, _create(_instance("i2", "m", "cpu-node", gib=6)))
     assert fits["ok"]
 
@@ -152,3 +152,21 @@ def test_an_instance_without_an_allocation_claims_nothing():
     bare = {"id": "i1", "model": "m", "node_id": "cpu-node", "state": "scheduled"}
     _, result = apply_command(state, _create(bare))
     assert result["ok"]
+
+
+def test_bookings_on_several_nodes_are_each_checked():
+    # A multi-node plan books memory on every node it spans (the scheduler's `bookings`).
+    state = _cluster()
+    spread = _instance("big", "m", "gpu-node", "gpu", 20, (1,))
+    spread["allocation"]["bookings"] = [
+        {"node_id": "gpu-node", "device": "gpu", "gpu_index": 1, "memory_bytes": 70 * GIB},
+        {"node_id": "cpu-node", "device": "cpu", "gpu_index": None, "memory_bytes": 12 * GIB}]
+    state, ok = apply_command(state, _create(spread))
+    assert ok["ok"]
+    # The RAM the plan booked on cpu-node counts there, though the instance's node is another.
+    _, result = apply_command(state, _create(_instance("i2", "m", "cpu-node", gib=5)))
+    assert result["code"] == "no_capacity" and "node cpu-node" in result["error"]
+    _, result = apply_command(state, _create(_instance("i2", "m", "gpu-node", "gpu", 11, (1,))))
+    assert result["code"] == "no_capacity" and "GPU 1 of node gpu-node" in result["error"]
+    _, fits = apply_command(state, _create(_instance("i2", "m", "gpu-node", "gpu", 10, (1,))))
+    assert fits["ok"]

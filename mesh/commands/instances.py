@@ -34,8 +34,7 @@ def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     if count >= model["replicas"]:
         raise CommandError("replicas_reached", f"model {instance['model']!r} already has "
                            f"{count} of {model['replicas']} instance(s)")
-    check_fits(node, instance, state["instances"].values(),
-               cmd.get("limits"))
+    check_fits(state["nodes"], instance, state["instances"].values(), cmd.get("limits"))
     instances = dict(state["instances"])
     instances[instance["id"]] = instance
     return {"instances": instances}, {"ok": True, "instance": instance}
