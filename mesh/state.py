@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObjConsumer, replicated

@@ -17,8 +17,8 @@ from inprocess import raft_threads
 from raftcluster import leader_of, make_store, until
 
 from gpumesh.mesh.errors import write_unavailable
-from gpumesh.mesh.raft.journal import MAGIC, DurableJournal, JournalWriteError
-from gpumesh.mesh.state import StartupRefused, StateUnavailable, StorageFull
+from gpumesh.mesh.raft.journal import DurableJournal, JournalWriteError
+from gpumesh.mesh.state import StartupRefused, StorageFull
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from pysyncobj import SyncObj
 from pysyncobj.monotonic import monotonic as clock
 from pysyncobj.version import VERSION
 
-__all__ = ["PINNED_VERSION", "check_version", "clock", "install", "transport_of", "journal_of", "election_deadline", "set_election_deadline",
-           "next_heartbeat", "last_log_index", "last_response_times", "wake",
-           "leader_noop_applied"]
+__all__ = ["PINNED_VERSION", "check_version", "clock", "install", "transport_of", "journal_of",
+           "election_deadline", "set_election_deadline", "next_heartbeat", "last_log_index",
+           "commands_pending", "wake", "leader_noop_applied"]
 
 PINNED_VERSION = "0.3.17"
 
@@ -50,11 +50,6 @@ def next_heartbeat(raft: SyncObj) -> float:
 
 def last_log_index(raft: SyncObj) -> int:
     return raft._SyncObj__raftLog[-1][1]
-
-
-def last_response_times(raft: SyncObj) -> dict[Any, float]:
-    """Leader only: node → monotonic time of its last append_entries answer."""
-    return dict(raft._SyncObj__lastResponseTime)
 
 
 def commands_pending(raft: SyncObj) -> bool:
