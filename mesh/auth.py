@@ -174,6 +174,8 @@ class Authenticator:
         self._forward_token = forward_token(cluster_secret)
         self._keys: Any = None                      # the api_keys dict the cache was built on
         self._users: Any = None
+        # key → Principal (None: no such key), for the keys seen since keys or users last
+        # changed. In this process's memory only, as the keys of requests in flight are.
         self._cache: dict[str, Principal | None] = {}
 
     def principal_for(self, key: str) -> Principal | None:
@@ -182,14 +184,13 @@ class Authenticator:
         if keys is not self._keys or users is not self._users:
             # Copy-on-write state: a new dict means keys or users changed; rebuild lazily.
             self._keys, self._users, self._cache = keys, users, {}
-        key_hash = hash_key(key)
         try:
-            return self._cache[key_hash]
+            return self._cache[key]
         except KeyError:
-            record = keys.get(key_hash)
+            record = keys.get(hash_key(key))
             principal = principal_of(record, users) if record is not None else None
             if len(self._cache) < 100_000:          # unknown keys must not grow it forever
-                self._cache[key_hash] = principal
+                self._cache[key] = principal
             return principal
 
     @web.middleware

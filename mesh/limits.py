@@ -114,13 +114,15 @@ class Limiter:
     def admit(self, principal: Principal) -> Ticket | Refusal:
         """Count the request in, or say which limit it is over and when to come back."""
         now = int(self._clock())
+        foreign = self._foreign_counts(now)
         ticket: list[Counters] = []
         for scope, ident, limits in (("keys", principal.key_id, principal.key_limits),
                                      ("users", principal.user, principal.user_limits)):
             if not limits:
                 continue
             counters = self._counters_of(scope, ident)
-            refusal = self._check(scope, ident, limits, counters, now)
+            refusal = self._check(scope, ident, limits, counters, now,
+                                  foreign.get((scope, ident), _ZERO))
             if refusal is not None:
                 return refusal
             ticket.append(counters)
@@ -162,8 +164,7 @@ class Limiter:
         return counters
 
     def _check(self, scope: str, ident: str, limits: dict[str, int], counters: Counters,
-               now: int) -> Refusal | None:
-        foreign = self._foreign_counts(now).get((scope, ident), _ZERO)
+               now: int, foreign: Any) -> Refusal | None:
         who = "API key" if scope == "keys" else "user"
         rpm = limits.get("rpm")
         if rpm is not None:

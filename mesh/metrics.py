@@ -13,8 +13,9 @@ Series (every one carries `node`):
 - `gpumesh_completion_tokens_per_second{model}`, gauge: completion tokens over the last minute
 - `gpumesh_requests_in_flight{model,instance}`, gauge, counted by the node that calls the
   engine (so a sum over nodes counts each request once)
-- `gpumesh_gpu_*{gpu,uuid}`: the GPU figures of this node's telemetry sampler, when there is
-  one (`gpu_source`); nothing GPU-wise otherwise.
+- `gpumesh_gpu_{utilization_ratio,memory_used_bytes,memory_total_bytes,temperature_celsius,
+  power_watts}{gpu,vendor,uuid,name}`: the latest sample of this node's telemetry sampler
+  (mesh/telemetry.py, 1 Hz; read at scrape time, never probed here); none without GPUs.
 Per-key and per-user figures are not here (the endpoint needs no key): see /api/usage.
 """
 
@@ -25,10 +26,10 @@ from bisect import bisect_left
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 from aiohttp import web
 
 from .limits import WINDOW_S, Window
@@ -39,14 +40,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# A GPU source returns one dict per GPU: {"index", "uuid", "name", and figures such as
-# "utilization", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w"}.
+# A GPU source returns the telemetry sampler's latest GPUs (`GpuDevice.to_dict()` each:
+# index, vendor, name, uuid, memory_*_bytes, utilization_percent, temperature_c, power_w).
 GpuSource = Callable[[], list[dict[str, Any]]]
-_GPU_FIGURES = (("utilization", "gpumesh_gpu_utilization_ratio", "GPU busy share, 0 to 1"),
-                ("memory_used_bytes", "gpumesh_gpu_memory_used_bytes", "GPU memory in use"),
-                ("memory_total_bytes", "gpumesh_gpu_memory_total_bytes", "GPU memory"),
-                ("temperature_c", "gpumesh_gpu_temperature_celsius", "GPU temperature"),
-                ("power_w", "gpumesh_gpu_power_watts", "GPU power draw"))
+# (field, series, help, scale): utilisation becomes a 0-1 ratio, Prometheus' convention.
+_GPU_FIGURES = (
+    ("utilization_percent", "gpumesh_gpu_utilization_ratio", "GPU busy share, 0 to 1", 0.01),
+    ("memory_used_bytes", "gpumesh_gpu_memory_used_bytes", "GPU memory in use", 1.0),
+    ("memory_total_bytes", "gpumesh_gpu_memory_total_bytes", "GPU memory", 1.0),
+    ("temperature_c", "gpumesh_gpu_temperature_celsius", "GPU temperature", 1.0),
+    ("power_w", "gpumesh_gpu_power_watts", "GPU power draw", 1.0))
 
 
 class Histogram:
@@ -154,16 +157,19 @@ class GatewayMetrics:
         gpus = self.gpu_source() if self.gpu_source is not None else []
         if not gpus:
             return
-        for field, name, doc in _GPU_FIGURES:
-            family = GaugeMetricFamily(name, doc, labels=["node", "gpu", "uuid", "name"])
+        for field, name, doc, scale in _GPU_FIGURES:
+            family = GaugeMetricFamily(name, doc, labels=["node", "gpu", "vendor", "uuid",
+                                                          "name"])
             for gpu in gpus:
                 value = gpu.get(field)
                 if value is not None:
                     family.add_metric([self.node_id, str(gpu.get("index")),
-                                       str(gpu.get("uuid") or ""), str(gpu.get("name") or "")],
-                                      float(value))
+                                       str(gpu.get("vendor") or ""), str(gpu.get("uuid") or ""),
+                                       str(gpu.get("name") or "")], float(value) * scale)
             yield family
 
     async def handle(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # The format the scraper asks for (text 0.0.4 / 1.0.0, or OpenMetrics), as
+        # prometheus_client's own HTTP handlers choose it.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})

@@ -32,6 +32,7 @@ ENGINE_TIMEOUT = 60.0
 CHAT = [{"role": "user", "content": "Say hello."}]
 GRAMMAR = 'root ::= "hello there"'
 FAKE_USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+SEEN = web.AppKey("seen", list)       # what the stand-in engine received, for assertions
 
 
 class LlamaEngine:
@@ -164,7 +165,7 @@ def openai_style_app(key: str | None = None) -> web.Application:
                                   "usage": {"type": "duration", "seconds": 1}})
 
     app = web.Application(client_max_size=64 << 20)
-    app["seen"] = seen
+    app[SEEN] = seen
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/images/generations", images)
     app.router.add_post("/v1/audio/speech", speech)
@@ -174,3 +175,41 @@ def openai_style_app(key: str | None = None) -> web.Application:
 
 def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+# --- seeding an in-process node ----------------------------------------------------------------
+
+def bootstrap(node: Any) -> str:
+    """The first admin (as the daemon mints it) and a node record per gateway; the key."""
+    from gpumesh.mesh.auth import ADMIN, new_api_key, new_user
+    key, record = new_api_key("admin", ADMIN, user="admin")
+    node.submit({"op": "create_api_key", "key": record, "only_if_no_admin": True,
+                 "create_user": new_user("admin", ADMIN)})
+    for node_id, url in zip(node.node_ids, node.urls):
+        node.submit({"op": "upsert_node", "node": {"id": node_id, "name": node_id,
+                                                   "status": "ready", "api_url": url,
+                                                   "updated": time.time()}})
+    return key
+
+
+def add_model(node: Any, name: str, gguf: Path, instances: list[tuple[str, str, int]],
+              kind: str | None = None) -> None:
+    """A model and its running instances, as the reconciler and the agents would leave them.
+    `kind` other than the file's own is set afterwards (stand-in engines serve any kind)."""
+    from inprocess import instance_record
+
+    from gpumesh.mesh.deployments import build_model_record
+    record = build_model_record({"name": name, "source": str(gguf),
+                                 "replicas": max(1, len(instances))})
+    node.submit({"op": "create_model", "model": record})
+    if kind is not None:
+        node.submit({"op": "update_model", "name": name, "changes": {"kind": kind}})
+    for instance_id, node_id, port in instances:
+        node.submit({"op": "create_instance", "instance": instance_record(
+            instance_id, name, "running", node_id, port=port)})
+
+
+def api_call(url: str, method: str, key: str | None, body: Any = None,
+             **kwargs: Any) -> Any:
+    from inprocess import http_request
+    return asyncio.run(http_request(url, method, key=key, json_body=body, **kwargs))

@@ -37,10 +37,10 @@ from ..limits import Limiter, Refusal, Ticket
 from ..metering import Meter
 from ..metrics import GatewayMetrics
 from ..state import ClusterStore
-from .endpoints import ENDPOINTS, Endpoint, ask_for_usage, read_model
+from .endpoints import RERANK, ENDPOINTS, Endpoint, ask_for_usage, plain_documents, read_model
 from .failover import can_continue, continuation
-from .relay import (RETRY_HEADER, Exchange, StreamBroken, StreamWatchdog, TryAnotherInstance,
-                    relay_answer)
+from .relay import (RETRY_HEADER, EngineTimeout, Exchange, StreamBroken, StreamWatchdog,
+                    TryAnotherInstance, relay_answer)
 from .routing import INSTANCE_HEADER, ModelRoute, RouteTable, Target
 
 __all__ = ["Gateway", "GatewaySettings"]
@@ -69,9 +69,9 @@ class Gateway:
         self._metrics = metrics
         self._settings = settings
         self._outstanding: Counter[str] = Counter()   # instance id -> requests in flight
-        self._watchdog = StreamWatchdog(settings.stream_idle_timeout_s)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
-                                              sock_read=settings.response_timeout_s)
+        self._watchdog = StreamWatchdog(settings.response_timeout_s,
+                                        settings.stream_idle_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
         self._endpoints = {e.path: e for e in ENDPOINTS}
 
     def add_routes(self, app: web.Application) -> None:
@@ -171,6 +171,8 @@ class Gateway:
                       body: bytes, payload: dict[str, Any] | None, exchange: Exchange, *,
                       forwarded: bool = False) -> web.StreamResponse:
         streamed = payload is not None and endpoint.streams and payload.get("stream") is True
+        if endpoint.upstream == RERANK and payload is not None and not forwarded:
+            body = plain_documents(body, payload)
         if streamed:
             assert payload is not None
             exchange.streamed = True
@@ -188,7 +190,8 @@ class Gateway:
                     return self._cut(request, broken, exchange)
                 return await self._continue(request, endpoint, payload, targets, target,
                                             broken, exchange)
-            except aiohttp.SocketTimeoutError:
+            except EngineTimeout:
+                # It has the request and may still be working on it: not sent elsewhere.
                 return openai_error(504, f"instance {target.instance_id} did not answer within "
                                     f"{self._settings.response_timeout_s:g} s",
                                     type_="server_error", code="upstream_timeout")
@@ -236,24 +239,43 @@ class Gateway:
         self._outstanding[target.instance_id] += 1
         if target.local:
             self._metrics.in_flight[(target.model, target.instance_id)] += 1
+        loop = asyncio.get_running_loop()
+        self._watchdog.watch(exchange, loop.time())
         try:
-            async with self._session.post(target.base_url + endpoint.upstream, data=body,
-                                          headers=headers, timeout=self._timeout) as upstream:
+            upstream = await self._begin(target.base_url + endpoint.upstream, body, headers,
+                                         exchange)
+            try:
                 if not target.local and RETRY_HEADER in upstream.headers:
                     # The peer says its instance is gone and nothing was sent.
                     raise TryAnotherInstance(f"node {target.node_id}: HTTP {upstream.status}, "
                                              "its instance is gone")
-                self._watchdog.watch(exchange)
-                try:
-                    return await relay_answer(request, upstream, exchange, response)
-                finally:
-                    self._watchdog.forget(exchange)
+                exchange.upstream = upstream
+                exchange.last_read_at = loop.time()
+                return await relay_answer(request, upstream, exchange, response)
+            finally:
+                exchange.upstream = None
+                upstream.release()      # back to the pool if read to the end, else closed
         finally:
+            self._watchdog.forget(exchange)
             self._outstanding[target.instance_id] -= 1
             if self._outstanding[target.instance_id] <= 0:
                 del self._outstanding[target.instance_id]
             if target.local:
                 self._metrics.in_flight[(target.model, target.instance_id)] -= 1
+
+    async def _begin(self, url: str, body: bytes, headers: dict[str, str],
+                     exchange: Exchange) -> aiohttp.ClientResponse:
+        """Send the request and wait for the answer's headers. The watchdog cancels the wait
+        after the response timeout (no timer per request: see StreamWatchdog)."""
+        try:
+            return await self._session.post(url, data=body, headers=headers,
+                                            timeout=self._timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not exchange.timed_out or task is None or task.uncancel() > 0:
+                raise               # cancelled for another reason: let it through
+            raise EngineTimeout(f"no answer within {self._settings.response_timeout_s:g} s") \
+                from None
 
     async def _continue(self, request: web.Request, endpoint: Endpoint,
                         payload: dict[str, Any], targets: list[Target], failed: Target,

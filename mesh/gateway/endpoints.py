@@ -16,7 +16,8 @@ from aiohttp import web
 
 from ..errors import openai_error
 
-__all__ = ["ENDPOINTS", "Endpoint", "ask_for_usage", "multipart_field", "read_model"]
+__all__ = ["ENDPOINTS", "Endpoint", "ask_for_usage", "multipart_field", "plain_documents",
+           "read_model"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,19 @@ def _boundary(content_type: str) -> bytes | None:
             except UnicodeEncodeError:
                 return None
     return None
+
+
+RERANK = "/v1/rerank"
+
+
+def plain_documents(body: bytes, payload: dict[str, Any]) -> bytes:
+    """Cohere's rerank takes documents as `{"text": ...}` objects too; engines (llama.cpp,
+    vLLM) take strings: such a body is re-encoded with the texts, any other left as it is."""
+    documents = payload.get("documents")
+    if not isinstance(documents, list) or not any(isinstance(d, dict) for d in documents):
+        return body
+    texts = [d.get("text") if isinstance(d, dict) else d for d in documents]
+    return json.dumps({**payload, "documents": texts}).encode()
 
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
-__all__ = ["Exchange", "RETRY_HEADER", "StreamBroken", "StreamWatchdog", "TryAnotherInstance",
+__all__ = ["EngineTimeout", "Exchange", "RETRY_HEADER", "StreamBroken", "StreamWatchdog", "TryAnotherInstance",
            "relay_answer", "usage_of"]
 
 log = logging.getLogger("gpumesh.gateway")
@@ -34,6 +35,8 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive
                 "date", "content-encoding", "x-gpumesh-instance", RETRY_HEADER.lower()}
 _BUFFERED_MAX = 4 << 20        # plain answers up to this size are relayed as one body
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_DECODER = json.JSONDecoder()
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')   # the usage-only event
 
 
 class Exchange:
@@ -41,7 +44,7 @@ class Exchange:
 
     __slots__ = ("started", "first_chunk_at", "last_read_at", "status", "prompt_tokens",
                  "completion_tokens", "instance", "served_by", "sent", "upstream", "timed_out",
-                 "usage_seen", "strip_usage", "rewrite", "streamed", "carried_tokens")
+                 "usage_seen", "strip_usage", "rewrite", "streamed", "carried_tokens", "task")
 
     def __init__(self, started: float) -> None:
         self.started = started
@@ -60,12 +63,17 @@ class Exchange:
         self.rewrite: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         self.streamed = False
         self.carried_tokens = 0      # sent by an engine that died before reporting usage
+        self.task: asyncio.Task[Any] | None = None     # cancelled if no answer comes in time
 
     def take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
             self.usage_seen = True
             self.prompt_tokens += _int(usage.get("prompt_tokens"))
             self.completion_tokens += _int(usage.get("completion_tokens"))
+
+
+class EngineTimeout(Exception):
+    """The engine took the request but did not begin its answer in time."""
 
 
 class TryAnotherInstance(Exception):
@@ -81,7 +89,7 @@ class StreamBroken(Exception):
 
 
 def usage_of(body: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a JSON answer, read without parsing the rest of it."""
+    """The (last) `usage` object of a JSON answer, read without parsing the rest of it."""
     at = body.rfind(b'"usage"')
     if at < 0:
         return None
@@ -90,7 +98,7 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
         return None
     try:
         text = body[colon + 1:colon + 1 + 4096].decode("utf-8", "replace").lstrip()
-        usage, _ = json.JSONDecoder().raw_decode(text)
+        usage, _ = _DECODER.raw_decode(text)
     except ValueError:
         return None
     return usage if isinstance(usage, dict) else None
@@ -153,7 +161,6 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                         exchange: Exchange,
                         response: web.StreamResponse | None) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
-    exchange.upstream = upstream
     if response is None:
         # The first chunk before the client sees anything (as for a plain answer).
         chunk = await _first_chunk(upstream)
@@ -166,31 +173,28 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
         chunk = await _next_chunk(upstream, exchange, response)
     pending = b""
     slow = exchange.rewrite is not None          # a continuation: every event is rewritten
-    try:
-        while chunk:
-            exchange.last_read_at = now = loop.time()
-            if exchange.first_chunk_at is None:
-                exchange.first_chunk_at = now
-            if pending or slow or b'"usage"' in chunk or not chunk.endswith(_EVENT_ENDS):
-                pending += chunk
-                cut = _last_event_end(pending)
-                if cut < 0:
-                    chunk = b""
-                else:
-                    chunk, pending = _events(pending[:cut], exchange), pending[cut:]
-            if chunk:
-                if exchange.sent is not None:
-                    exchange.sent.append(chunk)
-                try:
-                    await response.write(chunk)
-                except ConnectionResetError:
-                    # The client went away. Returning leaves the caller's `async with`,
-                    # which closes the engine's connection: it stops generating for nobody.
-                    log.info("client left during a stream from %s", upstream.url)
-                    return response
-            chunk = await _next_chunk(upstream, exchange, response)
-    finally:
-        exchange.upstream = None
+    while chunk:
+        exchange.last_read_at = now = loop.time()
+        if exchange.first_chunk_at is None:
+            exchange.first_chunk_at = now
+        if pending or slow or b'"usage"' in chunk or not chunk.endswith(_EVENT_ENDS):
+            pending += chunk
+            cut = _last_event_end(pending)
+            if cut < 0:
+                chunk = b""
+            else:
+                chunk, pending = _events(pending[:cut], exchange), pending[cut:]
+        if chunk:
+            if exchange.sent is not None:
+                exchange.sent.append(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                # The client went away. The caller releases the engine's answer unread,
+                # which closes its connection: it stops generating for nobody.
+                log.info("client left during a stream from %s", upstream.url)
+                return response
+        chunk = await _next_chunk(upstream, exchange, response)
     if pending:
         await response.write(_events(pending, exchange) if slow else pending)
     await response.write_eof()
@@ -219,22 +223,50 @@ def _last_event_end(data: bytes) -> int:
 def _events(data: bytes, exchange: Exchange) -> bytes:
     """Whole events: usage read (and kept from the client if it did not ask), rewritten
     when this is a continuation on another replica."""
+    if exchange.rewrite is not None:
+        return _rewritten(data, exchange)
+    # The usual case: only the event(s) naming "usage" are looked at, found in place, and
+    # only their `usage` object is parsed (llama.cpp's last event also carries timings).
+    at = data.find(b'"usage"')
+    while at >= 0:
+        start = _event_start(data, at)
+        end = _event_end(data, at)
+        usage = usage_of(data[at:end])
+        if usage:
+            exchange.take_usage(usage)
+            if exchange.strip_usage and _NO_CHOICES.search(data, start, end):
+                data = data[:start] + data[end:]
+                end = start
+        at = data.find(b'"usage"', end)
+    return data
+
+
+def _event_start(data: bytes, at: int) -> int:
+    starts = [i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep, 0, at)) >= 0]
+    return max(starts) if starts else 0
+
+
+def _event_end(data: bytes, at: int) -> int:
+    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := data.find(sep, at)) >= 0]
+    return min(ends) if ends else len(data)
+
+
+def _rewritten(data: bytes, exchange: Exchange) -> bytes:
     out: list[bytes] = []
+    assert exchange.rewrite is not None
     for event in data.replace(b"\r\n", b"\n").split(b"\n\n"):
         if not event:
             continue
-        if b'"usage"' in event or exchange.rewrite is not None:
-            obj = _event_json(event)
-            if obj is not None:
-                if b'"usage"' in event and obj.get("usage"):
-                    exchange.take_usage(obj["usage"])
-                    if exchange.strip_usage and not obj.get("choices"):
-                        continue
-                if exchange.rewrite is not None:
-                    obj = exchange.rewrite(obj)
-                    if obj is None:
-                        continue
-                    event = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+        obj = _event_json(event)
+        if obj is not None:
+            if obj.get("usage"):
+                exchange.take_usage(obj["usage"])
+                if exchange.strip_usage and not obj.get("choices"):
+                    continue
+            obj = exchange.rewrite(obj)
+            if obj is None:
+                continue
+            event = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
         out.append(event + b"\n\n")
     return b"".join(out)
 
@@ -257,30 +289,45 @@ def _int(value: Any) -> int:
 
 
 class StreamWatchdog:
-    """Cuts streams whose engine has been silent for longer than `idle_s`.
+    """Cuts requests whose engine has been silent too long: `response_s` before its answer
+    begins, `idle_s` between chunks after that. A hung engine must not hold a client forever.
 
-    One task per node looks at every open stream once a second, instead of a timer per
-    chunk on the hot path: a stream's only cost is one timestamp per chunk.
+    One task per node looks at every request in flight once a second, instead of a timer per
+    request or per chunk on the hot path (a timer costs more than the rest of a request's
+    bookkeeping): a request pays one timestamp per chunk and a set insertion.
     """
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, response_s: float, idle_s: float) -> None:
+        self.response_s = response_s
         self.idle_s = idle_s
-        self._streams: set[Exchange] = set()
+        self._watched: set[Exchange] = set()
 
-    def watch(self, exchange: Exchange) -> None:
-        self._streams.add(exchange)
+    def watch(self, exchange: Exchange, now: float) -> None:
+        """From the moment the request is sent to this instance."""
+        exchange.last_read_at = now
+        exchange.timed_out = False              # a new attempt (another instance)
+        exchange.task = asyncio.current_task()
+        self._watched.add(exchange)
 
     def forget(self, exchange: Exchange) -> None:
-        self._streams.discard(exchange)
+        self._watched.discard(exchange)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, self.idle_s / 2))
+            await asyncio.sleep(min(1.0, self.idle_s / 2, self.response_s / 2))
             now = loop.time()
-            for exchange in list(self._streams):
-                if exchange.upstream is not None and now - exchange.last_read_at > self.idle_s:
-                    log.warning("instance %s sent nothing for %.0f s; cutting its stream",
-                                exchange.instance, now - exchange.last_read_at)
-                    exchange.timed_out = True
-                    exchange.upstream.close()
+            for exchange in list(self._watched):
+                waiting = exchange.upstream is None        # no answer headers yet
+                silent = now - exchange.last_read_at
+                if exchange.timed_out or silent <= (self.response_s if waiting
+                                                    else self.idle_s):
+                    continue
+                exchange.timed_out = True
+                if waiting:
+                    if exchange.task is not None:
+                        exchange.task.cancel()      # the request's await turns into a 504
+                else:
+                    log.warning("instance %s sent nothing for %.0f s; cutting its answer",
+                                exchange.instance, silent)
+                    exchange.upstream.close()       # type: ignore[union-attr]
