@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ def absolute_if_local(source: str, base: Path | None = None) -> str:
 def wait_running(client: ApiClient, name: str, timeout: float) -> dict[str, Any]:
     """Poll until `name` runs (or is stopped on purpose); raise CliError saying why not."""
     deadline = time.monotonic() + timeout
+    shown: set[str] = set()
     while True:
         model = client.get(model_path(name))
+        _show_installs(model, shown)
         if model["status"] in ("running", "stopped"):
             return model
         if model["status"] == "unschedulable":
@@ -78,6 +81,20 @@ def wait_running(client: ApiClient, name: str, timeout: float) -> dict[str, Any]
                            f"{model['status']})", Exit.TIMED_OUT, data={"model": model},
                            code="timed_out")
         time.sleep(0.25)
+
+
+def _show_installs(model: dict[str, Any], shown: set[str]) -> None:
+    """An engine version being installed for the model takes a while: say what it is doing
+    (on stderr, each new step once)."""
+    for instance in model["instances"]:
+        progress = instance.get("progress") or {}
+        if instance["state"] != "installing" or not progress.get("step"):
+            continue
+        line = f"{instance['id']}: {progress['step']}"
+        if line not in shown:
+            shown.add(line)
+            print(f"  installing ({progress.get('elapsed_s', 0):.0f} s) {line}",
+                  file=sys.stderr, flush=True)
 
 
 def describe_ready(model: dict[str, Any]) -> str:
@@ -159,9 +176,15 @@ def cmd_instances(args: argparse.Namespace) -> int:
     print_result(args, instances, lambda items: table(
         ["ID", "MODEL", "NODE", "STATE", "DEVICE", "PORT", "REASON"],
         [[i["id"], i["model"], i["node_id"], status_cell(i["state"]),
-          i["allocation"]["device"], i["port"] or "-", (i.get("reason") or "")[:60]]
+          i["allocation"]["device"], i["port"] or "-", _reason(i)[:60]]
          for i in items]))
     return Exit.OK
+
+
+def _reason(instance: dict[str, Any]) -> str:
+    if instance["state"] == "installing" and instance.get("progress"):
+        return f"installing: {instance['progress'].get('step', '')}"
+    return instance.get("reason") or ""
 
 
 def register(sub: Any) -> None:
