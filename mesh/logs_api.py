@@ -58,18 +58,21 @@ class InstanceLogs:
         if self._log_dir is None:
             return openai_error(503, "this node serves no engine logs", type_="server_error")
         path = self._log_dir / f"{instance_id}.log"
+        # Where "now" is, fixed before the client sees the answer begin: the tail ends there
+        # and follow starts there, so a line written once the stream is open is never lost.
+        position, inode = _where(path)
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
-        data = await asyncio.to_thread(_last_lines, path, tail)
+        data = await asyncio.to_thread(_last_lines, path, tail, position)
         await response.write(data)
         if follow:
-            await self._follow(response, path, instance_id)
+            await self._follow(response, path, instance_id, position, inode)
         await response.write_eof()
         return response
 
-    async def _follow(self, response: web.StreamResponse, path: Path, instance_id: str) -> None:
-        position, inode = _where(path)
+    async def _follow(self, response: web.StreamResponse, path: Path, instance_id: str,
+                      position: int, inode: int) -> None:
         while instance_id in self._store.view.instances:
             await asyncio.sleep(_FOLLOW_POLL_S)
             size, now_inode = _where(path)
@@ -104,14 +107,14 @@ class InstanceLogs:
                                 code="node_unreachable")
 
 
-def _last_lines(path: Path, count: int) -> bytes:
-    """The last `count` lines over the log and its rotated files (oldest first)."""
+def _last_lines(path: Path, count: int, end: int) -> bytes:
+    """The last `count` lines over the log (up to byte `end`) and its rotated files."""
     if count == 0:
         return b""
     lines: list[bytes] = []
     for file in reversed(log_files(path)):            # newest first
         try:
-            lines = _tail_of(file, count - len(lines)) + lines
+            lines = _tail_of(file, count - len(lines), end if file == path else None) + lines
         except OSError:
             continue
         if len(lines) >= count:
@@ -119,9 +122,10 @@ def _last_lines(path: Path, count: int) -> bytes:
     return b"".join(lines[-count:])
 
 
-def _tail_of(file: Path, count: int) -> list[bytes]:
+def _tail_of(file: Path, count: int, end: int | None = None) -> list[bytes]:
     with open(file, "rb") as handle:
-        end = handle.seek(0, 2)
+        size = handle.seek(0, 2)
+        end = size if end is None else min(end, size)
         data, start = b"", end
         while start > 0 and data.count(b"\n") <= count:
             start = max(0, start - _CHUNK)
