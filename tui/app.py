@@ -118,7 +118,7 @@ class GpumeshConsole(App[int]):
             problem = await self._read_stream(url)
             self.failures += 1
             url = self._next_url(url)
-            self._set_link("reconnecting", url, problem)
+            self._set_link("reconnecting", url)
             if self.failures == 1:
                 others = len(self.model.known_nodes()) - 1
                 self.notify(f"lost the node: {problem}" + (
@@ -161,7 +161,7 @@ class GpumeshConsole(App[int]):
         rounds = self.failures // max(1, len(self.model.known_nodes()))
         return min(_MAX_BACKOFF_S, 0.25 * 2 ** rounds) * (1 + random.random() / 2)
 
-    def _set_link(self, state: str, url: str, problem: str = "") -> None:
+    def _set_link(self, state: str, url: str) -> None:
         self.connection = state
         if state == "live":                  # the node that answered says who it is
             node = self.model.nodes.get(self.model.node_id or "")
