@@ -228,10 +228,13 @@ class Server:
 # --- the load ------------------------------------------------------------------------------------
 
 async def load(url: str, clients: int, requests: int, stream: bool, key: str | None,
-               model: str = "bench") -> dict[str, float]:
-    """A closed loop: `clients` workers share `requests` requests; latencies in ms."""
+               model: str = "bench", close: bool = False) -> dict[str, float]:
+    """A closed loop: `clients` workers share `requests` requests; latencies in ms.
+    `close`: a connection per request (llama.cpp closes streamed ones anyway)."""
     body = json.dumps({**CHAT, "model": model, "stream": stream}).encode()
     headers = {"Content-Type": "application/json"}
+    if close:
+        headers["Connection"] = "close"
     if key:
         headers["Authorization"] = f"Bearer {key}"
     latencies: list[float] = []
@@ -272,13 +275,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measured(server: "Server | None", url: str, clients: int, requests: int, stream: bool,
-             key: str | None, model: str, rounds: int) -> dict[str, float]:
+             key: str | None, model: str, rounds: int, close: bool = False) -> dict[str, float]:
     """The median round of `rounds` (this machine is shared: single runs are noisy), with
     the server process's CPU time per request, which noise on wall-clock time spares."""
     results = []
     for _ in range(rounds):
         before = cpu_seconds(server.process.pid) if server else 0.0
-        result = asyncio.run(load(url, clients, requests, stream, key, model))
+        result = asyncio.run(load(url, clients, requests, stream, key, model, close))
         if server:
             result["cpu_us"] = (cpu_seconds(server.process.pid) - before) / result["n"] * 1e6
         results.append(result)
@@ -368,7 +371,8 @@ def main() -> int:
                 for name, server, url, key in (
                         ("llama.cpp direct", None, llama.url, None),
                         ("llama.cpp via gateway", gateway, gateway.url, keys["user"])):
-                    result = measured(server, url, 4, 200, stream, key, "tiny", args.rounds)
+                    result = measured(server, url, 4, 200, stream, key, "tiny", args.rounds,
+                                      close=stream and server is None)
                     rows.append((f"{name}{', streamed' if stream else ''}", result))
             print("a real llama.cpp engine (tiny model, 16 tokens), 4 clients, 200 requests")
             print(table(rows) + "\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import ADMIN, PRINCIPAL, ROLES, USER, Principal, new_api_key, new_user, owner_of
+from .auth import PRINCIPAL, ROLES, USER, new_api_key, new_user, owner_of
 from .commands.users import LIMIT_FIELDS
 from .errors import openai_error, write_unavailable
 from .state import ClusterStore, CommandRejected, StateUnavailable

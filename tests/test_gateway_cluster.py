@@ -7,9 +7,7 @@ for every node within a second).
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -12,7 +12,6 @@ import logging
 import random
 import socket
 import zlib
-from pathlib import Path
 
 import pytest
 from gateway_fixtures import add_model, api_call, bootstrap

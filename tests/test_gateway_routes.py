@@ -6,11 +6,9 @@ kind, and metered."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
-from pathlib import Path
 
 import openai
 import pytest

@@ -3,13 +3,11 @@ against the requests made (in-process node, stand-in engine with a known usage).
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import urllib.request
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 from gateway_fixtures import FAKE_USAGE, add_model, bootstrap, openai_style_app
