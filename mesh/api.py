@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .api_access import json_object
 from .errors import openai_error, write_unavailable
+from .scheduler.demand import is_on_demand
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
@@ -139,4 +140,6 @@ def _model_status(model: dict[str, Any], states: Counter) -> str:
         return "unschedulable"
     if states.get("error"):
         return "error"
+    if not states and is_on_demand(model):
+        return "idle"            # scaled to zero: the next request starts it
     return "deploying"

@@ -34,6 +34,7 @@ from aiohttp import web
 from gpumesh.backends.registry import describe_backends, node_backends
 from gpumesh.backends.versions import BackendVersions, backends_dir
 
+from .activation import ACTIVATION, Activation
 from .agent import NodeAgent
 from .api import ManagementApi
 from .api_access import AccessApi
@@ -60,6 +61,7 @@ from .logs_api import InstanceLogs
 from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler
+from .scheduler.routes import SCHEDULER, EvaluateApi
 from .state import ClusterStore, CommandRejected, StateUnavailable
 from .telemetry import TELEMETRY, TelemetrySampler, add_telemetry_routes
 
@@ -204,6 +206,7 @@ class Daemon:
                        settings=self.config.gateway_settings(),
                        max_body_bytes=self.config.max_body_mib << 20)
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
+        app[SCHEDULER] = Scheduler(reserved_memory_bytes=self.config.reserved_memory_mib << 20)
         # The daemon's parts come before the one http_app registered (the gateway's meter
         # and stream watchdog): that one starts once the store runs and stops before it.
         for index, part in enumerate([
@@ -290,7 +293,7 @@ class Daemon:
         await self.agent.stop()
 
     async def _reconciler_part(self, app: web.Application) -> AsyncIterator[None]:
-        scheduler = Scheduler(reserved_memory_bytes=self.config.reserved_memory_mib << 20)
+        scheduler = app[SCHEDULER]
         async with _owned_task(ReplicaReconciler(self.store, scheduler).run(), "reconciler"):
             yield
 
@@ -398,6 +401,9 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
             limiter=limiter, meter=Meter(store, node_id, limiter),
             metrics=GatewayMetrics(node_id, lambda: _latest_gpus(app)),
             settings=settings or GatewaySettings()).add_routes(app)
+    app[ACTIVATION] = Activation(store)         # on-demand models: the gateway's one hook
+    app.cleanup_ctx.append(app[ACTIVATION].part)
+    EvaluateApi(store).add_routes(app)          # POST /api/models/evaluate (dry runs)
     return app
 
 

@@ -28,6 +28,7 @@ from gpumesh.backends.registry import UnknownBackend, default_backend_for, get_b
 from gpumesh.backends.versions import parse_backend_spec
 
 from gpumesh import modelfiles
+from .scheduler.spec import SpecError, scheduling_fields
 from .sources import SourceError, parse_source, remote_size_bytes
 
 __all__ = ["DeploymentError", "MAX_NAME_LENGTH", "MAX_REPLICAS", "build_model_record",
@@ -72,6 +73,10 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     backend, version = _backend(spec.get("backend"), model_format, kind)
     image = _image(spec.get("image"), backend)
     _refuse_reserved_flags(args, backend)
+    try:
+        scheduling = scheduling_fields(spec, replicas)
+    except SpecError as exc:
+        raise DeploymentError(str(exc), exc.param) from None
     return {
         "name": name,
         "source": source,
@@ -86,6 +91,7 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
         "estimate": estimate,
         "created": time.time(),
         "schedule_error": None,
+        **scheduling,            # placement, min_replicas, idle_timeout_s
     }
 
 

@@ -45,13 +45,13 @@ def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
         # one replica split over several nodes (slower to serve than either).
         outcome = scheduler.place_in(model, index, multi_node=False)
         if isinstance(outcome, Placement):
-            return _create(model, outcome, new_id, now)
+            return _create(scheduler, model, outcome, new_id, now)
         single_node = lambda m, i: scheduler.place_in(m, i, multi_node=False)  # noqa: E731
         eviction = plan_eviction(model, index, models, now, single_node, evict_idle_s)
         if eviction is None:
             outcome = scheduler.place_in(model, index)
             if isinstance(outcome, Placement):
-                return _create(model, outcome, new_id, now)
+                return _create(scheduler, model, outcome, new_id, now)
         else:
             log.info("evicting %s (idle: %s) to make room for %s", ", ".join(eviction.instance_ids),
                      ", ".join(eviction.models), name)
@@ -67,10 +67,13 @@ def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
     return _set_error(model, None)
 
 
-def _create(model: Mapping[str, Any], placement: Placement, new_id: Callable[[str], str],
-            now: float) -> list[dict[str, Any]]:
-    return [{"op": "create_instance", "instance": _instance(model, placement, new_id, now)},
-            *_set_error(model, None)]
+def _create(scheduler: Scheduler, model: Mapping[str, Any], placement: Placement,
+            new_id: Callable[[str], str], now: float) -> list[dict[str, Any]]:
+    # The state machine re-checks capacity (commands/capacity.py) with our reserves.
+    limits = {"reserved_memory_bytes": scheduler.reserved_memory_bytes,
+              "gpu_memory_fraction": scheduler.gpu_memory_fraction}
+    return [{"op": "create_instance", "instance": _instance(model, placement, new_id, now),
+             "limits": limits}, *_set_error(model, None)]
 
 
 def _set_error(model: Mapping[str, Any], reason: str | None) -> list[dict[str, Any]]:

@@ -179,3 +179,19 @@ def test_busy_or_always_on_instances_are_not_evicted():
     assert [cmd["op"] for cmd in commands] == ["update_model"]
     assert commands[0]["changes"]["schedule_error"].startswith("needs 5.0 GiB of RAM")
     assert len(c.instances_of("busy")) == 1 and len(c.instances_of("always")) == 1
+
+
+# --- activity reaches the state in batches -------------------------------------------------
+
+def test_record_activity_keeps_the_latest_time_and_wake_clears_an_old_error():
+    c = Cluster(node("a", ram=4 * GiB))
+    c.deploy("m", 8 * GiB, min_replicas=0)
+    c.apply({"op": "update_model", "name": "m", "changes": {"schedule_error": "old reason"}})
+    result = c.apply({"op": "record_activity", "models": {"m": NOW, "deleted-meanwhile": NOW}})
+    assert result["updated"] == ["m"] and c.state["models"]["m"]["last_request"] == NOW
+    before = c.state
+    assert c.apply({"op": "record_activity", "models": {"m": NOW - 5}})["updated"] == []
+    assert c.state["models"] is before["models"]              # older news changes nothing
+    assert c.state["models"]["m"]["schedule_error"] == "old reason"
+    c.apply({"op": "record_activity", "models": {"m": NOW}, "wake": True})
+    assert c.state["models"]["m"]["schedule_error"] is None   # this attempt gets its own answer

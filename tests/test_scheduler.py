@@ -625,3 +625,27 @@ def test_requirement_from_a_per_device_estimate():
 ])
 def test_format_bytes(count, words):
     assert format_bytes(count) == words
+
+
+# --- the deploy request's scheduling fields ----------------------------------------------------
+
+def test_scheduling_fields_defaults_and_refusals():
+    from gpumesh.mesh.scheduler.spec import SpecError, scheduling_fields
+    assert scheduling_fields({}, 2) == {"placement": {}, "min_replicas": None,
+                                        "idle_timeout_s": 300.0}
+    full = scheduling_fields({"min_replicas": 0, "idle_timeout_s": 30, "placement": {
+        "policy": "spread", "device": "gpu", "node_selector": {"zone": "eu-*"},
+        "gpu_selector": {"name": "*H100*"}, "gpus_per_replica": 2, "multi_node": False}}, 2)
+    assert full["min_replicas"] == 0 and full["placement"]["gpus_per_replica"] == 2
+    bad = [({"min_replicas": 3}, "min_replicas"), ({"min_replicas": True}, "min_replicas"),
+           ({"idle_timeout_s": 0}, "idle_timeout_s"),
+           ({"placement": {"policy": "random"}}, "placement.policy"),
+           ({"placement": {"colour": "red"}}, "placement"),
+           ({"placement": {"node_selector": {"zone": 1}}}, "placement.node_selector"),
+           ({"placement": {"gpus": ["a:0"], "gpus_per_replica": 2}}, "placement.gpus_per_replica"),
+           ({"placement": {"device": "cpu", "gpus": ["a:0"]}}, "placement.device"),
+           ({"placement": {"gpus_per_replica": 17}}, "placement.gpus_per_replica")]
+    for spec, param in bad:
+        with pytest.raises(SpecError) as refused:
+            scheduling_fields(spec, 2)
+        assert refused.value.param == param, spec

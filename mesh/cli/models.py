@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ApiClient, ApiError, model_path
+from . import placement
 from .output import (CliError, Exit, add_client_command, client_for, gib, print_result,
                      source_label, status_cell, table)
 
@@ -21,7 +22,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                                           ("--backend", args.backend),
                                           ("--context-length", args.context_length),
                                           ("--arg", args.arg), ("--replicas", args.replicas))
-                 if value is not None]
+                 if value is not None] + placement.given_flags(args)
         if given:
             raise CliError(f"-f takes every field from the file; drop {', '.join(given)}",
                            Exit.USAGE)
@@ -39,6 +40,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     for field in ("name", "backend", "context_length", "kind", "image"):
         if getattr(args, field) is not None:
             spec[field] = getattr(args, field)
+    spec.update(placement.spec_fields(args))
+    if args.dry_run:
+        return placement.dry_run(args, client, spec)
     model = client.post("/api/models", spec)
     if not args.wait:
         print_result(args, model, lambda m: f"deployed {m['name']} ({m['backend']}, "
@@ -65,7 +69,7 @@ def wait_running(client: ApiClient, name: str, timeout: float) -> dict[str, Any]
     while True:
         model = client.get(model_path(name))
         _show_installs(model, shown)
-        if model["status"] in ("running", "stopped"):
+        if model["status"] in ("running", "stopped", "idle"):   # idle: starts on demand
             return model
         if model["status"] == "unschedulable":
             raise CliError(f"cannot run {name}: {model['schedule_error']}",
@@ -170,21 +174,37 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
-    instances = client_for(args).get("/api/instances")["data"]
+    client = client_for(args)
+    instances = client.get("/api/instances")["data"]
     if args.model:
         instances = [i for i in instances if i["model"] == args.model]
+    # Replicas that have no instance yet say why as one "pending" row per model.
+    pending = [m for m in client.get("/api/models")["data"]
+               if m.get("schedule_error") and args.model in (None, m["name"])]
+    rows = [[i["id"], i["model"], i["node_id"], status_cell(i["state"]),
+             _device_cell(i["allocation"]), i["port"] or "-", _why(i)] for i in instances]
+    rows += [["-", m["name"], "-", status_cell("pending"), "-", "-",
+              m["schedule_error"]] for m in pending]
     print_result(args, instances, lambda items: table(
-        ["ID", "MODEL", "NODE", "STATE", "DEVICE", "PORT", "REASON"],
-        [[i["id"], i["model"], i["node_id"], status_cell(i["state"]),
-          i["allocation"]["device"], i["port"] or "-", _reason(i)[:60]]
-         for i in items]))
+        ["ID", "MODEL", "NODE", "STATE", "DEVICE", "PORT", "WHY"], rows))
     return Exit.OK
 
 
-def _reason(instance: dict[str, Any]) -> str:
+def _device_cell(allocation: dict[str, Any]) -> str:
+    if allocation["device"] != "gpu":
+        return allocation["device"]
+    where = "gpu " + ",".join(map(str, allocation["gpu_indices"]))
+    workers = len(allocation.get("workers") or ())
+    return where + (f" +{workers} node(s)" if workers else "")
+
+
+def _why(instance: dict[str, Any]) -> str:
+    """An error's reason first; an install's step; else where the scheduler put it and why."""
+    if instance["state"] == "error" and instance.get("reason"):
+        return instance["reason"]
     if instance["state"] == "installing" and instance.get("progress"):
         return f"installing: {instance['progress'].get('step', '')}"
-    return instance.get("reason") or ""
+    return instance.get("placement_reason") or instance.get("reason") or ""
 
 
 def register(sub: Any) -> None:
@@ -217,6 +237,7 @@ def register(sub: Any) -> None:
                         help="with -f: a model whose source, backend, context or args differ "
                              "from the file is removed and deployed again (else refused)")
     _wait_flags(deploy)
+    placement.add_flags(deploy)
 
     add_client_command(sub, "models", cmd_models, "list models", aliases=("ls",))
     show = add_client_command(sub, "show", cmd_show, "one model in detail: source, "

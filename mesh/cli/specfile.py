@@ -2,7 +2,8 @@
 
 A spec file is one model (a mapping with `source`), a list of them under `models:`, or
 several YAML documents separated by `---`. Fields: `source` (required), `name`,
-`replicas`, `backend` (NAME or NAME==VERSION), `context_length`, `args`, `kind`, `image`.
+`replicas`, `backend` (NAME or NAME==VERSION), `context_length`, `args`, `kind`, `image`,
+and for the scheduler `placement`, `min_replicas`, `idle_timeout_s` (mesh/scheduler/spec.py).
 Relative paths are relative to the file, not the shell.
 
 Applying is declarative and idempotent: a model that does not exist is created; one that
@@ -34,7 +35,8 @@ from .output import CliError, Exit, client_for, error_from_api, print_result
 
 __all__ = ["apply_spec_file", "load_spec"]
 
-FIELDS = ("name", "source", "replicas", "backend", "context_length", "args", "kind", "image")
+FIELDS = ("name", "source", "replicas", "backend", "context_length", "args", "kind", "image",
+          "placement", "min_replicas", "idle_timeout_s")
 _IN_PLACE = ("replicas",)
 
 
@@ -204,6 +206,10 @@ def _differences(spec: ModelSpec, current: dict[str, Any]) -> dict[str, Any]:
     for field in ("kind", "image"):
         if wanted.get(field) is not None:
             pairs[field] = (current.get(field), wanted[field])
+    pairs["placement"] = (current.get("placement") or {}, wanted.get("placement") or {})
+    pairs["min_replicas"] = (current.get("min_replicas"), wanted.get("min_replicas"))
+    if wanted.get("idle_timeout_s") is not None:
+        pairs["idle_timeout_s"] = (current.get("idle_timeout_s"), float(wanted["idle_timeout_s"]))
     changes.update({k: v for k, v in pairs.items() if v[0] != v[1]})
     return changes
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import instances, join_tokens, keys, models, nodes, usage, users
+from . import activity, instances, join_tokens, keys, models, nodes, usage, users
 from .common import CommandError, Handler, Result, State
 from .instances import INSTANCE_STATES
 from .requests import recall, remember
@@ -71,4 +71,4 @@ def _apply(state: State, command: dict[str, Any]) -> tuple[State, Result]:
 # One table of every command, assembled from the modules that own each collection.
 HANDLERS: dict[str, Handler] = {**nodes.HANDLERS, **models.HANDLERS, **instances.HANDLERS,
                                 **keys.HANDLERS, **join_tokens.HANDLERS, **users.HANDLERS,
-                                **usage.HANDLERS}
+                                **usage.HANDLERS, **activity.HANDLERS}

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from gpumesh.modelfiles.kinds import kind_serves
 
+from ..activation import ACTIVATION
 from ..auth import PRINCIPAL, Principal
 from ..errors import openai_error
 from ..limits import Limiter, Refusal, Ticket
@@ -125,6 +126,8 @@ class Gateway:
             return openai_error(400, f"The model '{model_name}' is a {route.kind or 'llm'} "
                                 f"model: it does not serve {endpoint.path}",
                                 code="wrong_model_kind", param="model")
+        if await request.app[ACTIVATION].before_forward(model_name):   # woke it from zero
+            route = self._routes.route(model_name) or route
         targets = self._targets(request, principal, route)
         if isinstance(targets, web.Response):
             return targets

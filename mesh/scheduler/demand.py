@@ -29,7 +29,8 @@ EVICT_IDLE_S = 10.0
 
 
 def is_on_demand(model: Mapping[str, Any]) -> bool:
-    return int(model.get("min_replicas", model["replicas"])) < int(model["replicas"])
+    least = model.get("min_replicas")
+    return least is not None and int(least) < int(model["replicas"])
 
 
 def last_activity(model: Mapping[str, Any]) -> float:
@@ -52,7 +53,7 @@ def wanted_replicas(model: Mapping[str, Any], now: float) -> int:
     replicas = int(model["replicas"])
     if not is_on_demand(model) or is_active(model, now):
         return replicas
-    return int(model.get("min_replicas", 0))
+    return int(model["min_replicas"])
 
 
 class Eviction:

@@ -47,7 +47,9 @@ class Placement:
     bookings: tuple[Booking, ...] = ()      # every device it holds, head and workers
     mechanism: str | None = None            # None, "tensor-parallel", "llama.cpp-rpc", "ray-pipeline"
     pipeline_parallel: int = 1
-    reason: str = field(default="", compare=False)
+    reason: str = field(default="", compare=False)      # policy: where; why not simpler
+    where: str = field(default="", compare=False)       # the chosen devices, in words
+    notes: tuple[str, ...] = field(default=(), compare=False)   # simpler plans that failed
 
     def __post_init__(self) -> None:
         if not self.bookings:
@@ -436,7 +438,7 @@ class _Decision:
         reason = "; ".join(parts + self.notes)
         return Placement(plan.node_id, plan.device, plan.memory_bytes, plan.gpu_vendor,
                          plan.gpu_indices, plan.bookings, plan.mechanism,
-                         plan.pipeline_parallel, reason)
+                         plan.pipeline_parallel, reason, where, tuple(self.notes))
 
     def _policy_words(self) -> str:
         return "the tightest fit" if self.binpack else "the most room"
