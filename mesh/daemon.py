@@ -62,6 +62,8 @@ from .probes import Probe, ProbeUnavailable, open_probe
 from .reconciler import ReplicaReconciler
 from .scheduler import Scheduler
 from .scheduler.routes import SCHEDULER, EvaluateApi
+from .sources.reporter import reporter_part
+from .sources.routes import MODEL_CACHE, SourcesApi
 from .state import ClusterStore, CommandRejected, StateUnavailable
 from .telemetry import TELEMETRY, TelemetrySampler, add_telemetry_routes
 
@@ -207,12 +209,13 @@ class Daemon:
                        max_body_bytes=self.config.max_body_mib << 20)
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
         app[SCHEDULER] = Scheduler(reserved_memory_bytes=self.config.reserved_memory_mib << 20)
+        app[MODEL_CACHE] = self.data.root / "models"
         # The daemon's parts come before the one http_app registered (the gateway's meter
         # and stream watchdog): that one starts once the store runs and stops before it.
         for index, part in enumerate([
                 self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
                 self._agent_part, self._reconciler_part, self._liveness_part,
-                self._event_log_part]):
+                self._event_log_part, reporter_part(self.store, self.node_id, app[MODEL_CACHE])]):
             app.cleanup_ctx.insert(index, part)
         return app
 
@@ -404,6 +407,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     app[ACTIVATION] = Activation(store)         # on-demand models: the gateway's one hook
     app.cleanup_ctx.append(app[ACTIVATION].part)
     EvaluateApi(store).add_routes(app)          # POST /api/models/evaluate (dry runs)
+    SourcesApi(store, node_id).add_routes(app)  # /api/downloads, /api/cache
     return app
 
 

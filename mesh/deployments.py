@@ -29,7 +29,7 @@ from gpumesh.backends.versions import parse_backend_spec
 
 from gpumesh import modelfiles
 from .scheduler.spec import SpecError, scheduling_fields
-from .sources import SourceError, parse_source, remote_size_bytes
+from .sources import SourceError, parse_source, remote_facts
 
 __all__ = ["DeploymentError", "MAX_NAME_LENGTH", "MAX_REPLICAS", "build_model_record",
            "default_name", "validate_name", "validate_replicas"]
@@ -40,9 +40,6 @@ _NAME_CHARS = "letters, digits and . _ : / -"
 _NAME_CHAR = re.compile(r"[A-Za-z0-9._:/-]")
 # registry/name:tag or name@sha256:digest, as docker accepts them
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
-# Remote sources cannot be read before download: weights plus this share for the KV cache
-# and compute buffers. Replaced by the exact estimate once issue-5's prefetch reads headers.
-_REMOTE_OVERHEAD = 0.25
 
 
 class DeploymentError(ValueError):
@@ -68,9 +65,11 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     name = explicit_name if explicit_name is not None else default_name(source)
     if context_length is not None and source["kind"] == "local":
         _check_context(source["path"], context_length)
-    model_format, estimate = _measure(source, context_length)
+    facts = _facts(source)
+    model_format = facts.format
     kind = _kind(spec.get("kind"), source)
     backend, version = _backend(spec.get("backend"), model_format, kind)
+    estimate = _estimate(source, facts, context_length, backend.name)
     image = _image(spec.get("image"), backend)
     _refuse_reserved_flags(args, backend)
     try:
@@ -95,23 +94,26 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _measure(source: dict[str, Any], context_length: int | None) -> tuple[str, dict[str, Any]]:
-    if source["kind"] == "local":
-        try:
-            model_format = modelfiles.detect_format(source["path"])
-            return model_format, modelfiles.estimate_memory(source["path"],
-                                                            context_length).to_dict()
-        except modelfiles.ModelFileError as exc:
-            raise DeploymentError(str(exc), "source") from None
+def _facts(source: dict[str, Any]) -> modelfiles.ModelFacts:
+    """What the model is, from its headers (local files, or byte ranges of a remote repo's),
+    or, when a remote repo's headers cannot be read, from its files' sizes alone."""
     try:
-        size = remote_size_bytes(source)
+        if source["kind"] == "local":
+            return modelfiles.model_facts(source["path"])
+        return remote_facts(source)
+    except modelfiles.ModelFileError as exc:
+        raise DeploymentError(str(exc), "source") from None
     except SourceError as exc:
         raise DeploymentError(str(exc), "source") from None
-    model_format = "gguf" if (source.get("file") or "").endswith(".gguf") else "safetensors"
-    overhead = int(size * _REMOTE_OVERHEAD)
-    return model_format, {"weights_bytes": size, "kv_cache_bytes": 0, "overhead_bytes": overhead,
-                          "total_bytes": size + overhead, "context_length": context_length,
-                          "format": model_format, "architecture": None}
+
+
+def _estimate(source: dict[str, Any], facts: modelfiles.ModelFacts, context_length: int | None,
+              engine: str) -> dict[str, Any]:
+    if facts.n_layer == 0:           # sizes only: the headers were not readable
+        return modelfiles.estimate_from_size(facts.weights_bytes, facts.format, context_length,
+                                             engine).to_dict()
+    basis = "files" if source["kind"] == "local" else "headers"
+    return modelfiles.estimate_for(facts, context_length, engine, basis).to_dict()
 
 
 def _kind(requested: Any, source: dict[str, Any]) -> str:

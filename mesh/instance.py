@@ -267,7 +267,8 @@ class InstanceSupervisor:
             context_length=model.get("context_length"), extra_args=tuple(model.get("args", ())),
             kind=kind, memory_bytes=allocation.get("memory_bytes"),
             device_memory_bytes=self._device_memory(allocation),
-            weights_bytes=estimate.get("weights_bytes"), engine_home=engine.home,
+            weights_bytes=estimate.get("weights_bytes"),
+            kv_cache_bytes=estimate.get("kv_cache_bytes"), engine_home=engine.home,
             image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None,
             rpc_servers=rpc_servers,
             # Only this node's gateway can compute it (mesh/auth.py): nothing else on the

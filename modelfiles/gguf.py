@@ -11,7 +11,8 @@ from typing import Any
 
 from .files import ModelFileError, existing, resolve_model_file
 
-__all__ = ["GGUFArray", "MAX_ARRAY_ITEMS", "read_gguf_metadata"]
+__all__ = ["GGUFArray", "GGUFHeader", "GGUFTruncated", "MAX_ARRAY_ITEMS", "parse_gguf_header",
+           "read_gguf_header", "read_gguf_metadata"]
 
 # GGUF arrays longer than this (tokenizer vocabularies, merges) are skipped, not read:
 # the scheduler never needs them and a 150k-token vocabulary would cost megabytes.
@@ -28,6 +29,30 @@ _GGUF_TYPES: dict[int, tuple[str, str | None]] = {
     10: ("uint64", "Q"), 11: ("int64", "q"), 12: ("float64", "d"),
 }
 _STRING, _ARRAY = 8, 9
+
+
+class GGUFTruncated(ModelFileError):
+    """The buffer ends inside the header: read at least `needed` bytes and parse again."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """The key/value metadata and, per tensor, its name, shape and data offset."""
+
+    metadata: dict[str, object]
+    tensors: list[tuple[str, tuple[int, ...], int, int]]   # name, dims, ggml type, offset
+    data_start: int                                          # where tensor data begins
+
+    def tensor_sizes(self, file_size: int) -> dict[str, int]:
+        """Bytes of each tensor's data, from the offsets (the next tensor's start, or the end
+        of the file): no table of ggml block sizes needed."""
+        ordered = sorted(self.tensors, key=lambda t: t[3])
+        ends = [t[3] for t in ordered[1:]] + [file_size - self.data_start]
+        return {t[0]: max(0, end - t[3]) for t, end in zip(ordered, ends)}
 
 
 @dataclass(frozen=True)
@@ -60,11 +85,48 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
         raise ModelFileError(f"cannot read {p}: {exc.strerror}") from exc
 
 
-class _GGUFHeader:
-    """A cursor over a mapped GGUF file that reads the header and the key/value section."""
+def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
+    """Metadata and tensor infos of a GGUF file (a model directory: its model file)."""
+    p = existing(path)
+    if p.is_dir():
+        p = resolve_model_file(p)
+    try:
+        with p.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ModelFileError(f"{p} is empty (0 bytes): the download may not have finished")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _GGUFHeader(mm, p).read_with_tensors()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {p}: {exc.strerror}") from exc
 
-    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+
+def parse_gguf_header(prefix: bytes, name: str) -> GGUFHeader:
+    """The header from the first bytes of a GGUF file (a remote file's byte range).
+
+    Raises GGUFTruncated (with the size to fetch) when `prefix` ends inside the header."""
+    return _GGUFHeader(prefix, Path(name), truncated_is_partial=True).read_with_tensors()
+
+
+class _GGUFHeader:
+    """A cursor over a GGUF file's bytes (mapped, or a prefix fetched by range) that reads
+    the header, the key/value section and, on request, the tensor infos."""
+
+    def __init__(self, buf: mmap.mmap | bytes, path: Path, truncated_is_partial: bool = False) -> None:
         self._buf, self._path, self._pos, self._order = buf, path, 0, "<"
+        self._partial = truncated_is_partial
+
+    def read_with_tensors(self) -> GGUFHeader:
+        meta = self.read()
+        tensors = []
+        for _ in range(int(meta["GGUF.tensor_count"])):   # type: ignore[call-overload]
+            name = self._string()
+            dims = tuple(self._unpack("Q") for _ in range(self._unpack("I")))
+            ggml_type, offset = self._unpack("I"), self._unpack("Q")
+            tensors.append((name, dims, ggml_type, offset))
+        alignment = meta.get("general.alignment", 32)
+        alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+        data_start = -(-self._pos // alignment) * alignment
+        return GGUFHeader(meta, tensors, data_start)
 
     def read(self) -> dict[str, object]:
         if self._take(4) != _GGUF_MAGIC:
@@ -141,6 +203,9 @@ class _GGUFHeader:
         # Every length comes from the file itself: check it against the file's size
         # before trusting it, so a damaged length cannot make us read or allocate wildly.
         end = self._pos + n
+        if end > len(self._buf) and self._partial:
+            raise GGUFTruncated(f"{self._path}: the header goes past byte {len(self._buf):,}",
+                                needed=max(end, 2 * len(self._buf)))
         if end > len(self._buf):
             raise ModelFileError(
                 f"{self._path} is truncated: its header needs byte {end:,} but the file has"

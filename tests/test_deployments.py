@@ -19,11 +19,12 @@ from tinymodels import write_tiny_gguf
 from gpumesh.mesh.deployments import MAX_REPLICAS, DeploymentError, build_model_record
 from gpumesh.mesh.sources import (
     SourceError,
-    _gguf_shards, _pick_gguf,
     describe_source,
     fetch_source,
     parse_source,
 )
+from gpumesh.mesh.sources.hubs import RemoteFile
+from gpumesh.mesh.sources.select import select_files
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,11 @@ def safetensors_dir(tmp_path) -> Path:
         "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
         "max_position_embeddings": 256, "torch_dtype": "float16",
     }))
-    (directory / "model.safetensors").write_bytes(b"\0" * 4096)
+    # a valid safetensors file (the estimate reads its header): length, JSON header, data
+    header = json.dumps({"embed": {"dtype": "F16", "shape": [32, 64],
+                                   "data_offsets": [0, 4096]}}).encode()
+    (directory / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 4096)
     return directory
 
 
@@ -266,7 +271,7 @@ def test_name_is_checked_before_the_source():
     _refused({"name": "bad name", "source": "/not/here"}, "name")
 
 
-# --- repo ids reach the hub only through huggingface_hub -----------------------------------
+# --- repo ids reach the hub only through its HTTP API (HF_ENDPOINT) ----------------------
 
 def _closed_port() -> int:
     with socket.socket() as sock:
@@ -275,10 +280,8 @@ def _closed_port() -> int:
 
 
 def test_repo_id_source_fails_fast_and_readably_when_the_hub_is_unreachable(monkeypatch):
-    import huggingface_hub.constants
-
     # Point the hub client at a closed loopback port: no traffic leaves the machine.
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     started = time.monotonic()
     message = _refused({"name": "remote", "source": "owner/name"}, "source")
     assert time.monotonic() - started < 5
@@ -337,7 +340,7 @@ def test_garbage_is_refused(text, tmp_path, monkeypatch):
 
 def test_garbage_message_explains_both_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SourceError, match="neither an existing path nor a Hugging Face repo id"):
+    with pytest.raises(SourceError, match="neither an existing path nor a Hugging Face or ModelScope repo id"):
         parse_source("just-a-name")
 
 
@@ -366,31 +369,45 @@ def test_describe_then_parse_round_trips(text, tmp_path, monkeypatch):
     assert parse_source(describe_source(source)) == source
 
 
-# --- sources._pick_gguf and fetch_source (local only) --------------------------------------
+# --- sources.select_files (which of a repo's files) and fetch_source (local only) ----------
 
-def test_pick_gguf_none_for_a_safetensors_repo():
-    assert _pick_gguf("o/n", ["config.json", "model.safetensors", "README.md"]) is None
+def _pick(names: list[str], **source) -> list[str]:
+    listing = [RemoteFile(n, 10, None) for n in names]
+    selection = select_files({"repo": "o/n", "file": None, **source}, listing,
+                             lambda path: b'{"weight_map": {"a": "x-1.safetensors"}}')
+    return [f.path for f in selection.files]
 
 
-def test_pick_gguf_the_only_gguf():
-    assert _pick_gguf("o/n", ["README.md", "model-Q4_K_M.gguf"]) == "model-Q4_K_M.gguf"
+def test_a_safetensors_repo_gets_weights_and_sidecars_not_other_formats():
+    assert _pick(["config.json", "model.safetensors", "README.md", "pytorch_model.bin",
+                  "tokenizer.json", "original/consolidated.safetensors"]) == [
+        "config.json", "tokenizer.json", "model.safetensors"]
+    indexed = _pick(["config.json", "model.safetensors.index.json", "x-1.safetensors",
+                     "consolidated.safetensors"])
+    assert indexed == ["config.json", "model.safetensors.index.json", "x-1.safetensors"]
 
 
-def test_pick_gguf_refuses_several_and_says_how_to_name_one():
+def test_the_only_gguf():
+    assert _pick(["README.md", "model-Q4_K_M.gguf"]) == ["model-Q4_K_M.gguf"]
+
+
+def test_several_ggufs_are_refused_with_how_to_name_one():
     with pytest.raises(SourceError) as info:
-        _pick_gguf("o/n", ["a-Q4.gguf", "a-Q8.gguf", "README.md"])
+        _pick(["a-Q4.gguf", "a-Q8.gguf", "README.md"])
     message = str(info.value)
     assert "o/n has 2 GGUF models" in message
     assert "o/n:a-Q4.gguf" in message
 
 
-def test_pick_gguf_skips_projectors_and_counts_a_split_model_once():
+def test_projectors_are_skipped_and_a_split_model_counts_once_with_all_shards():
     files = ["mmproj-model-f16.gguf", "m-00001-of-00003.gguf", "m-00003-of-00003.gguf",
              "m-00002-of-00003.gguf", "README.md"]
-    assert _pick_gguf("o/n", files) == "m-00001-of-00003.gguf"
-    assert _gguf_shards("m-00001-of-00003.gguf", files) == [
-        "m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
-    assert _gguf_shards("single.gguf", files) == ["single.gguf"]
+    shards = ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
+    assert _pick(files) == shards
+    assert _pick(files, pattern="m-*.gguf") == shards
+    assert _pick(files, file="m-00001-of-00003.gguf") == shards
+    with pytest.raises(SourceError, match="should have 3 shards; the repo has 2"):
+        _pick(files[:3])
 
 
 def test_fetch_local_source(gguf_file, tmp_path):

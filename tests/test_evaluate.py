@@ -158,3 +158,25 @@ def test_deploy_dry_run_prints_the_plan_and_exits_7_when_it_does_not_fit(
     started = time.monotonic()
     assert dry_run(str(small), "--name", "x", "--json").returncode == 0
     assert time.monotonic() - started < 60
+
+
+def test_a_hub_model_is_evaluated_from_its_headers_alone(node: InProcessNode, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    from gpumesh.modelfiles import estimate_memory
+    from hubserver import HubServer, Repo
+
+    local = write_tiny_gguf(tmp_path / "tiny-Q4_K_M.gguf", context_length=2048)
+    hub = HubServer(repos={"acme/tiny-GGUF": Repo({"tiny-Q4_K_M.gguf": local.read_bytes()})}).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        put_nodes(node, gpu_node("node-a", [gpu(0, 16 * GiB)]))
+        answer = evaluate(node, {"source": "acme/tiny-GGUF:Q4_K_M", "name": "remote"})
+        assert answer.status == 200, answer
+        estimate = answer.body["estimate"]
+        assert estimate["basis"] == "headers"
+        assert estimate["by_device"] == estimate_memory(local).by_device
+        assert answer.body["fits"] is True
+        ranges = [r for m, p, r in hub.log if m == "GET"]
+        assert ranges and all(r and r.startswith("bytes=0-") for r in ranges)   # no download
+    finally:
+        hub.stop()

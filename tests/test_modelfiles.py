@@ -187,9 +187,20 @@ def test_gguf_estimate_arithmetic(tmp_path: Path) -> None:
     default = estimate_memory(model)
     kv = 2 * 3 * 2048 * 2 * head_dim * 2   # K and V, layers, tokens, kv heads, head dim, f16
     assert (default.context_length, default.kv_cache_bytes, default.weights_bytes) == (2048, kv, weights)
-    assert default.overhead_bytes == _overhead(weights, kv)
-    assert default.total_bytes == weights + kv + default.overhead_bytes
-    assert (default.format, default.architecture) == ("gguf", "llama")
+    assert (default.engine, default.basis) == ("llama.cpp", "files")
+    # llama.cpp's compute buffers: a 512-token micro-batch at the widest point (here the
+    # feed-forward with attention: 2*128 + 8*64 floats a token), the f16 mask, the logits
+    vocab = 3 + 256 + 10
+    assert default.compute_bytes == 512 * 4 * max(vocab + 64, 2 * 128 + 8 * 64) + \
+        512 * 2048 * 2 + 4 * vocab * 4
+    embedding = vocab * 64 * 4                    # stays in host RAM when on a GPU
+    assert default.gpu_weights_bytes == weights - embedding
+    fixed = default.compute_bytes
+    assert default.by_device == {"cpu": weights + kv + fixed + default.runtime_bytes["cpu"],
+                                 "gpu": weights - embedding + kv + fixed + default.runtime_bytes["gpu"]}
+    assert default.total_bytes == max(default.by_device.values())
+    assert default.overhead_bytes == default.total_bytes - weights - kv
+    assert (default.format, default.architecture, default.dtype) == ("gguf", "llama", "F32")
 
     short = estimate_memory(model, context_length=100)
     assert short.context_length == 100 and short.kv_cache_bytes == 2 * 3 * 100 * 2 * head_dim * 2
@@ -206,7 +217,9 @@ def test_a_long_context_model_defaults_to_4096(tmp_path: Path) -> None:
 def test_estimate_to_dict(tmp_path: Path) -> None:
     d = estimate_memory(write_tiny_gguf(tmp_path / "t.gguf")).to_dict()
     assert set(d) == {"weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes",
-                      "context_length", "format", "architecture"}
+                      "context_length", "format", "architecture", "engine",
+                      "gpu_weights_bytes", "compute_bytes", "runtime_bytes", "by_device",
+                      "parameters", "dtype", "kv_bytes_per_token", "basis"}
     assert json.loads(json.dumps(d)) == d
 
 
@@ -257,8 +270,14 @@ def test_safetensors_directory_estimate(tmp_path: Path) -> None:
     kv = 2 * 4 * 4096 * 2 * (256 // 8) * 2   # K and V, layers, tokens, kv heads, head dim, bf16
     assert estimate.weights_bytes == weights > 64 * 256 * 2
     assert (estimate.context_length, estimate.kv_cache_bytes) == (4096, kv)
-    assert estimate.total_bytes == weights + kv + _overhead(weights, kv)
+    # read from the safetensors header, not the tensors: 64*256 + 256 bf16 parameters
+    assert (estimate.parameters, estimate.dtype, estimate.engine) == (16640, "bfloat16", "vllm")
+    assert estimate.by_device["gpu"] == weights + kv + estimate.compute_bytes + (1 << 30)
+    # vLLM-CPU takes its KV cache in whole GiB: the rounding is booked with the runtime
+    assert estimate.by_device["cpu"] == weights + estimate.compute_bytes + (1536 << 20) + (1 << 30)
     assert (estimate.format, estimate.architecture) == ("safetensors", "LlamaForCausalLM")
+    generic = estimate_memory(model, engine="sglang")
+    assert generic.total_bytes == weights + kv + _overhead(weights, kv)
 
 
 def test_safetensors_dtype_head_dim_and_short_context(tmp_path: Path) -> None:

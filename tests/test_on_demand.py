@@ -14,16 +14,19 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import aiohttp
 import pytest
 
 from gpumesh.backends.registry import describe_backends
+from gpumesh.backends.versions import BackendVersions, backends_dir
+from gpumesh.mesh.activation import WAKE_TIMEOUT_S
 from gpumesh.mesh.agent import NodeAgent
 from gpumesh.mesh.auth import ADMIN, new_api_key
 from gpumesh.mesh.reconciler import ReplicaReconciler
 from gpumesh.mesh.scheduler import Scheduler
 
 from harness import pid_alive
-from inprocess import InProcessNode, http_request
+from inprocess import InProcessNode, Reply, http_request
 from tinymodels import write_tiny_gguf
 
 NODE = "n1"
@@ -47,7 +50,8 @@ class OnDemandNode:
         store = self.node.store
         self.agent = NodeAgent(node_id=NODE, store=store, session=self.node.session,
                                model_cache=self.directory / "cache",
-                               log_dir=self.directory / "logs")
+                               log_dir=self.directory / "logs",
+                               versions=BackendVersions(backends_dir(self.directory)))
         # An instance unasked-for this long may make room for another model (10 s in a
         # daemon; short here so the test need not wait).
         reconciler = ReplicaReconciler(store, Scheduler(reserved_memory_bytes=0),
@@ -71,8 +75,22 @@ class OnDemandNode:
         return self.node.call(http_request(self.node.url + path, method, key=self.key,
                                            json_body=body), timeout=timeout)
 
-    def chat(self, model: str):
-        return self.api("POST", "/v1/chat/completions", {"model": model, **CHAT}, timeout=150)
+    def chat(self, model: str) -> Reply:
+        """A chat request; it may wait for an instance to start (up to the wake timeout)."""
+        async def ask() -> Reply:
+            timeout = aiohttp.ClientTimeout(total=WAKE_TIMEOUT_S + 30)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(self.node.url + "/v1/chat/completions",
+                                        json={"model": model, **CHAT},
+                                        headers={"Authorization": f"Bearer {self.key}"}) as r:
+                    return Reply(r.status, r.headers, await r.read())
+        try:
+            return self.node.call(ask(), timeout=WAKE_TIMEOUT_S + 60)
+        except Exception as exc:       # say what the node was doing, not just "timed out"
+            logs = {p.name: p.read_text(errors="replace")[-1500:]
+                    for p in (self.directory / "logs").glob("*.log")}
+            raise AssertionError(f"chat with {model} failed ({exc!r}); the model: "
+                                 f"{self.model(model)}; engine logs: {logs}") from exc
 
     def register_node(self, ram: int) -> None:
         backends = {b["name"]: {"version": b["version"], "runs_on_cpu": b["runs_on_cpu"],
@@ -102,8 +120,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnDemandNode]:
     directory = tmp_path_factory.mktemp("on-demand")
     model = write_tiny_gguf(directory / "tiny.gguf")
     on_demand = OnDemandNode(directory)
-    on_demand.start()
     try:
+        on_demand.start()
         for name, idle in (("lazy", 2.0), ("a", 600.0), ("b", 600.0)):
             reply = on_demand.api("POST", "/api/models", {
                 "source": str(model), "name": name, "min_replicas": 0, "idle_timeout_s": idle})

@@ -270,10 +270,6 @@ def test_ram_in_use_by_other_programs_is_not_offered():
     # the heartbeat's newer measurement wins over the inventory's
     n["resources"] = {"memory_available_bytes": 20 * GiB}
     assert place(model(size=4 * GiB), [n]).node_id == "a"
-    n["resources"]["gpu_memory_used_bytes"] = {}
-    n["inventory"]["gpus"] = [gpu(0, 16 * GiB)]
-    n["resources"]["gpu_memory_used_bytes"] = {"0": 15 * GiB}
-    assert place(model(size=4 * GiB), [n]).device == "cpu"
 
 
 def test_reserved_ram_is_respected():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ApiClient, ApiError, model_path
-from . import placement
+from . import cache, placement
 from .output import (CliError, Exit, add_client_command, client_for, gib, print_result,
                      source_label, status_cell, table)
 
@@ -204,6 +204,14 @@ def _why(instance: dict[str, Any]) -> str:
         return instance["reason"]
     if instance["state"] == "installing" and instance.get("progress"):
         return f"installing: {instance['progress'].get('step', '')}"
+    download = instance.get("download")
+    if instance["state"] == "downloading" and download:
+        rate = download.get("rate_bytes_per_s") or 0
+        eta = download.get("eta_s")
+        return (f"downloading {download.get('percent') or 0:.0f}% of "
+                f"{gib(download.get('bytes_total') or 0)}"
+                + (f", {rate / (1 << 20):.1f} MiB/s" if rate else "")
+                + (f", ETA {eta:.0f} s" if eta is not None else ""))
     return instance.get("placement_reason") or instance.get("reason") or ""
 
 
@@ -239,7 +247,8 @@ def register(sub: Any) -> None:
     _wait_flags(deploy)
     placement.add_flags(deploy)
 
-    add_client_command(sub, "models", cmd_models, "list models", aliases=("ls",))
+    models = add_client_command(sub, "models", cmd_models, "list models", aliases=("ls",))
+    cache.register_under(models)                 # gpumesh models cache ls|rm
     show = add_client_command(sub, "show", cmd_show, "one model in detail: source, "
                               "memory, instances and why any is not running")
     show.add_argument("name", metavar="NAME", help="the model's name")

@@ -312,10 +312,10 @@ class ClusterIndex:
         old = self.nodes.get(node_id)
         inventory = record.get("inventory") or {}
         ram_total = int(inventory.get("memory_total_bytes", 0))
-        # the heartbeat's measurement (every few seconds) is newer than the inventory's
+        # the heartbeat's measurement (every few seconds) is newer than the inventory's; it
+        # refreshes the GPUs' memory_used_bytes in the inventory itself (commands/nodes.py)
         resources = record.get("resources") or {}
         available = resources.get("memory_available_bytes", inventory.get("memory_available_bytes"))
-        gpu_used = {str(k): v for k, v in (resources.get("gpu_memory_used_bytes") or {}).items()}
         gpus = {}
         for g in inventory.get("gpus", ()):
             total = int(g["memory_total_bytes"])
@@ -323,7 +323,7 @@ class ClusterIndex:
                 node_id=node_id, index=int(g["index"]), vendor=str(g["vendor"]),
                 name=str(g.get("name", "")), uuid=str(g.get("uuid", "")), total=total,
                 usable=int(total * self.gpu_memory_fraction),
-                measured_used=int(gpu_used.get(str(g["index"]), g.get("memory_used_bytes")) or 0))
+                measured_used=int(g.get("memory_used_bytes") or 0))
         node = NodeSlot(
             id=node_id, name=str(record.get("name") or node_id),
             status="draining" if record.get("draining") else str(record.get("status", "unknown")),
