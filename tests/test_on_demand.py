@@ -126,7 +126,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnDemandNode]:
             reply = on_demand.api("POST", "/api/models", {
                 "source": str(model), "name": name, "min_replicas": 0, "idle_timeout_s": idle})
             assert reply.status == 201, reply
-        size = on_demand.model("lazy")["estimate"]["total_bytes"]
+        size = on_demand.model("lazy")["estimate"]["by_device"]["cpu"]
         on_demand.register_node(ram=size * 3 // 2)          # one model fits, two do not
         yield on_demand
     finally:
