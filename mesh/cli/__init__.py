@@ -26,6 +26,13 @@ _GROUPS = (daemon, models, engines, cluster, access, usage, tui)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:         # wherever it lands, even while the parser is built
+        return int(Exit.INTERRUPTED)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -40,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         error = error_from_api(exc)
         print_error(args, error)
         return int(error.exit_code)
-    except KeyboardInterrupt:
-        return int(Exit.INTERRUPTED)
     except BrokenPipeError:           # `gpumesh models | head -1`: the reader left, not an error
         sys.stderr.close()
         return int(Exit.OK)
