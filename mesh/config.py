@@ -101,6 +101,12 @@ class Config:
     stream_idle_timeout_s: float = field(
         default=120.0, metadata={"flag": "--stream-idle-timeout",
                                  "env": "GPUMESH_STREAM_IDLE_TIMEOUT"})
+    # On stop, how long requests in flight (streams too) may finish before they are cut.
+    # The whole stop is bounded: this + the engines' grace (10 s) + a few seconds; the
+    # systemd unit's TimeoutStopSec is set from that sum (packaging/gpumesh.service).
+    drain_seconds: float = field(default=10.0,
+                                 metadata={"flag": "--drain-seconds",
+                                           "env": "GPUMESH_DRAIN_SECONDS"})
 
     @classmethod
     def from_sources(cls, flags: dict[str, object]) -> "Config":
@@ -159,6 +165,14 @@ class Config:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level must be debug, info, warning or error (default info), "
                               f"got {self.log_level!r}")
+        try:
+            self.drain_seconds = float(self.drain_seconds)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--drain-seconds must be a number of seconds (default 10), "
+                              f"got {self.drain_seconds!r}") from None
+        if not 0 <= self.drain_seconds <= 3600:
+            raise ConfigError(f"--drain-seconds must be from 0 to 3600 (default 10), "
+                              f"got {self.drain_seconds:g}")
         if not self.node_name or len(self.node_name) > 63:
             raise ConfigError("--node-name must be 1 to 63 characters")
         self.max_body_mib = _int(self.max_body_mib, "max_body_mib", 1)

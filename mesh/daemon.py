@@ -159,7 +159,10 @@ class Daemon:
             secret=self.identity.secret, bind_host=self.config.raft_host)
 
     async def _run_app(self) -> int:
-        runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None)
+        # aiohttp would wait 60 s for requests in flight (an open stream never ends by
+        # itself): bounded by --drain-seconds, so a stop fits systemd's TimeoutStopSec.
+        runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None,
+                               shutdown_timeout=self.config.drain_seconds)
         try:
             if not await self._until_stopped(self._setup_and_bind(runner), "start-up"):
                 return 1 if not self._stop.is_set() else 0

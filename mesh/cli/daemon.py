@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import fields
 from typing import Any
 
 from ..config import Config, ConfigError
@@ -16,12 +17,8 @@ __all__ = ["register"]
 def cmd_up(args: argparse.Namespace) -> int:
     from ..daemon import configure_logging, run_daemon   # the daemon's imports only when needed
 
-    flags = {name: getattr(args, name) for name in
-             ("data_dir", "host", "raft_host", "api_port", "raft_port", "node_name", "gpu_probe",
-              "gpus", "reserved_memory_mib", "engine_health_interval_s",
-              "engine_healthy_uptime_s", "log_level", "advertise", "join", "token",
-              "discovery", "mdns_interface", "max_body_mib", "engine_connect_timeout_s",
-              "engine_response_timeout_s", "stream_idle_timeout_s")}
+    # Every Config field whose flag `up` defines (a new setting needs only its add_argument).
+    flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
     try:
         config = Config.from_sources(flags)
     except ConfigError as exc:
@@ -56,6 +53,9 @@ def register(sub: Any) -> None:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     help="how much the daemon logs on stderr (default info; env "
                          "GPUMESH_LOG_LEVEL)")
+    up.add_argument("--drain-seconds", type=float, metavar="SECONDS",
+                    help="on stop, how long requests in flight may finish before they are cut "
+                         "(default 10; env GPUMESH_DRAIN_SECONDS); engines then get 10 s")
     cluster = up.add_argument_group("joining a cluster")
     cluster.add_argument("--advertise", metavar="ADDRESS",
                          help="the address peers use for this node (default: --host, or the "
