@@ -49,9 +49,9 @@ def test_the_units_stop_timeout_covers_the_daemons_stop_budget() -> None:
     text = UNIT.read_text()
     stop_timeout = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1))
     from gpumesh.mesh.config import Config
-    from gpumesh.mesh.instance import STOP_GRACE_S
+    from gpumesh.mesh.instance import Timings
     drain = Config.__dataclass_fields__["drain_seconds"].default
-    assert stop_timeout >= drain + STOP_GRACE_S + 10     # + store, membership, probes
+    assert stop_timeout >= drain + Timings().stop_grace_s + 10   # + store, membership, probes
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
