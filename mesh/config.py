@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -75,6 +76,9 @@ class Config:
     # The device indices this node offers ("0,1"); None: every device the probe finds.
     gpus: tuple[int, ...] | None = field(default=None,
                                          metadata={"flag": "--gpus", "env": "GPUMESH_GPUS"})
+    # Labels the scheduler's node selectors match ("zone=eu,tier=fast"; --label repeatable).
+    labels: dict[str, str] | str | list[str] | None = field(
+        default=None, metadata={"flag": "--label", "env": "GPUMESH_LABELS"})
     # Memory the scheduler leaves to the OS and the daemon on every node.
     reserved_memory_mib: int = field(default=1024,
                                      metadata={"flag": "--reserved-memory-mib",
@@ -156,6 +160,7 @@ class Config:
             if not self.token:
                 raise ConfigError("--join needs --token (run `gpumesh join-token` on a member)")
             self.join = _join_address(str(self.join))
+        self.labels = _labels(self.labels)
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
         self.engine_health_interval_s = _seconds(self.engine_health_interval_s,
                                                  "engine_health_interval_s")
@@ -250,6 +255,32 @@ def _join_address(value: str) -> str:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+def _labels(value: object) -> dict[str, str]:
+    """"k=v,k2=v2" (env), ["k=v", …] (flags) or a dict -> {k: v}; keys are plain words."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        pairs = [f"{k}={v}" for k, v in value.items()]
+    elif isinstance(value, str):
+        pairs = [p for p in value.split(",") if p.strip()]
+    else:
+        pairs = [p for item in value for p in str(item).split(",") if p.strip()]
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, label = pair.strip().partition("=")
+        if not sep or not _LABEL_KEY.match(key):
+            raise ConfigError(f"--label takes KEY=VALUE (KEY: letters, digits, . _ / -), "
+                              f"got {pair!r}")
+        if key in ("name", "id"):
+            raise ConfigError(f"--label {key}=… is taken: node selectors match the node's "
+                              f"{key} already")
+        labels[key] = label.strip()
+    return labels
 
 
 def _int(value: object, name: str, minimum: int) -> int:

@@ -268,3 +268,14 @@ def test_empty_node_name_from_the_environment(monkeypatch):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_labels_come_from_flags_or_the_environment_and_refuse_bad_keys(monkeypatch):
+    from gpumesh.mesh.config import Config, ConfigError
+    assert Config.from_sources({"labels": ["zone=eu", "tier=fast,gpu=h100"]}).labels == {
+        "zone": "eu", "tier": "fast", "gpu": "h100"}
+    monkeypatch.setenv("GPUMESH_LABELS", "rack=r7")
+    assert Config.from_sources({}).labels == {"rack": "r7"}
+    for bad in (["zone"], ["=x"], ["name=x"], ["a b=c"]):
+        with pytest.raises(ConfigError, match="--label"):
+            Config.from_sources({"labels": bad})

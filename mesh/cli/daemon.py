@@ -42,6 +42,8 @@ def register(sub: Any) -> None:
                     "other vendors' tools, else none)")
     up.add_argument("--gpus", help="offer only these device indices, e.g. 0,1 (default: all; "
                     "env GPUMESH_GPUS)")
+    up.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
+                    help="a label for node selectors (repeatable), e.g. --label zone=eu-west")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
     up.add_argument("--engine-health-interval", dest="engine_health_interval_s", type=float,

@@ -99,6 +99,19 @@ def _show_installs(model: dict[str, Any], shown: set[str]) -> None:
             shown.add(line)
             print(f"  installing ({progress.get('elapsed_s', 0):.0f} s) {line}",
                   file=sys.stderr, flush=True)
+    _show_downloads(model, shown)
+
+
+def _show_downloads(model: dict[str, Any], shown: set[str]) -> None:
+    """A download's progress (bytes, rate, ETA) on stderr, each time it moves on by a tenth."""
+    for instance in model["instances"]:
+        download = instance.get("download")
+        if instance["state"] != "downloading" or not download:
+            continue
+        step = f"{instance['id']}: download {int((download.get('percent') or 0) // 10)}"
+        if step not in shown:
+            shown.add(step)
+            print(f"  {instance['id']}: {_why(instance)}", file=sys.stderr, flush=True)
 
 
 def describe_ready(model: dict[str, Any]) -> str:

@@ -93,12 +93,15 @@ def dry_run(args: argparse.Namespace, client: ApiClient, spec: dict[str, Any]) -
 
 def _describe(answer: dict[str, Any]) -> str:
     est = answer["estimate"]
+    devices = est.get("by_device") or {"one device": est["total_bytes"]}
+    needs = ", ".join(f"{gib(size)} on {'a GPU' if d == 'gpu' else 'the CPU' if d == 'cpu' else d}"
+                      for d, size in sorted(devices.items(), reverse=True))
     lines = [f"{answer['name']} ({answer['backend']}, {answer['format']}): "
              f"{'fits' if answer['fits'] else 'does not fit'}",
-             f"  needs    {gib(est['total_bytes'])} on one device (weights "
-             f"{gib(est['weights_bytes'])}, KV cache {gib(est['kv_cache_bytes'])} for "
-             f"{est.get('context_length') or '-'} tokens, runtime and compute "
-             f"{gib(est['total_bytes'] - est['weights_bytes'] - est['kv_cache_bytes'])})"]
+             f"  needs    {needs} (weights {gib(est['weights_bytes'])}, KV cache "
+             f"{gib(est['kv_cache_bytes'])} for {est.get('context_length') or '-'} tokens, "
+             f"compute {gib(est.get('compute_bytes') or 0)}; from "
+             f"{est.get('basis', 'files')})"]
     for check in answer["checks"]:
         if not check["ok"]:
             lines.append(f"  problem  {check['detail']}")

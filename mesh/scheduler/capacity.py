@@ -136,14 +136,10 @@ class NodeSlot:
         return sorted((g.free for g in self.gpus.values() if g.vendor == vendor), reverse=True)
 
 
-def _identity_diff(known: dict[int, Mapping[str, Any]], current: Mapping[str, Mapping[str, Any]]
-                   ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
-    """(records in `current` not known, known records no longer in `current`)."""
-    records = current.values()
-    now = dict(zip(map(id, records), records))
-    came = [now[i] for i in now.keys() - known.keys()]
-    gone = [known[i] for i in known.keys() - now.keys()]
-    return came, gone
+def _new_records(known: dict[int, Mapping[str, Any]],
+                 current: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Records of `current` the index has not seen (new, or a new version of one)."""
+    return [r for r in current.values() if id(r) not in known]
 
 
 class _SortedKeys:
@@ -217,29 +213,27 @@ class ClusterIndex:
              instances: Mapping[str, Mapping[str, Any]]) -> None:
         """Bring the index to `nodes` and `instances` (the replicated collections).
 
-        Records are copy-on-write, so a changed record is a new object: the diff is a set
-        difference of object identities, computed by builtins (no Python loop per record),
-        then work only for the records that changed. The index holds every record it has
-        seen, so an identity cannot be reused while it is compared.
+        Records are copy-on-write, so a changed record is a new object: one pass of identity
+        lookups finds the new ones (a new version replaces its instance's older one), a
+        count says whether any left, and only changed records cost more. The index holds
+        every record it has seen, so an identity cannot be reused while it is compared.
         """
         dirty: set[str] = set()
         if nodes is not self._nodes_source:
             self._nodes_source = nodes
-            came, gone = _identity_diff(self._node_identities, nodes)
-            for record in gone:
-                if record["id"] not in nodes:
-                    self._drop_node(record["id"])
-            for record in came:
-                self._load_node(record)
+            for record in _new_records(self._node_identities, nodes):
+                self._load_node(record)          # replaces the node's older record
                 dirty.add(record["id"])
+            if len(self._node_records) > len(nodes):      # some were removed
+                for node_id in self._node_records.keys() - nodes.keys():
+                    self._drop_node(node_id)
         if instances is not self._instances_source:
             self._instances_source = instances
-            came, gone = _identity_diff(self._instance_identities, instances)
-            for record in gone:
-                if record["id"] not in instances and record["id"] in self.instances:
-                    dirty.update(self._forget_instance(record["id"]))
-            for record in came:
+            for record in _new_records(self._instance_identities, instances):
                 dirty.update(self.track_instance(record))
+            if len(self.instances) > len(instances):     # some were removed
+                for instance_id in self.instances.keys() - instances.keys():
+                    dirty.update(self._forget_instance(instance_id))
         self.reindex_nodes(dirty)
 
     def track_instance(self, record: Mapping[str, Any]) -> set[str]:
