@@ -112,7 +112,9 @@ class SimCluster:
                 "kind": "embedding" if m == 2 else "llm", "context_length": 8192,
                 "args": [], "estimate": {"total_bytes": (6 + 30 * (m == 1)) << 30,
                                          "weights_bytes": (5 + 28 * (m == 1)) << 30,
-                                         "kv_cache_bytes": 1 << 30},
+                                         "kv_cache_bytes": 1 << 30,
+                                         "by_device": {"gpu": (6 + 30 * (m == 1)) << 30,
+                                                       "cpu": (7 + 31 * (m == 1)) << 30}},
                 "created": FIXED_TIME - 86400, "schedule_error":
                     "needs 36.0 GiB of GPU memory; gpu-node-02 has 20.1 GiB free" if m == 1
                     else None,

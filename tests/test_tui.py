@@ -187,8 +187,10 @@ def test_models_stop_scale_deploy_delete(node: Daemon, workdir: Path) -> None:
             form = app.screen
             await until(pilot, lambda: isinstance(app.screen, DeployModal)
                         and form.evaluated is not None, "the evaluation")
+            # The scheduler's plan, before anything is stored: where it would run, and why.
             evaluation = str(form.query_one("#evaluation", Static).render())
-            assert evaluation and "evaluating" not in evaluation
+            assert "needs" in evaluation and "replica 1 →" in evaluation
+            assert "fits" in evaluation and "second" not in app.model.models
             await pilot.press("ctrl+s")
             await until(pilot, lambda: "second" in rows(app, "models"), "the new model")
             assert rows(app, "models")["second"][1:3] == ["stopped", "0/0"]

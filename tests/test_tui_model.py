@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gpumesh.tui.client import ApiError, NodeClient
-from gpumesh.tui.format import bar, span
+from gpumesh.tui.format import bar, needs, span
 from gpumesh.tui.store import HISTORY_SAMPLES, ClusterModel, GpuRef
 from gpumesh.tui.widgets import _braille_row
 
@@ -105,6 +105,9 @@ def test_braille_rows_fill_from_the_bottom() -> None:
     assert _braille_row(levels, 1, 2) == "⣿ "       # bottom row: both columns full
     assert bar(56.0, 8).startswith("▕████▌") and bar(None).endswith("-")
     assert span(3725) == "1h02m" and span(5) == "5s" and span(90061) == "1d01h"
+    assert needs({"total_bytes": 3 << 30, "by_device": {"gpu": 3 << 30, "cpu": 36 << 20}}) \
+        == "needs 36.0 MiB on the CPU or 3.00 GiB on GPUs"
+    assert needs({"total_bytes": 1 << 29}) == "needs 512.0 MiB" and needs(None) == ""
 
 
 def test_sse_parser_and_missing_routes() -> None:

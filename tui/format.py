@@ -6,13 +6,34 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ago", "bar", "gib", "num", "percent", "source_label", "span"]
+__all__ = ["ago", "bar", "gib", "needs", "num", "percent", "size", "source_label", "span"]
 
 
 def gib(count: Any) -> str:
     if count is None:
         return "-"
     return f"{count / (1 << 30):.1f}G"
+
+
+def size(count: Any) -> str:
+    """Bytes for people: MiB below a GiB, GiB above."""
+    if count is None:
+        return "-"
+    if count < 1 << 30:
+        return f"{count / (1 << 20):.1f} MiB"
+    return f"{count / (1 << 30):.2f} GiB"
+
+
+def needs(estimate: Any) -> str:
+    """What a model's memory estimate says it needs, per device type where it says so."""
+    if not isinstance(estimate, dict) or not estimate.get("total_bytes"):
+        return ""
+    by_device = estimate.get("by_device") or {}
+    if by_device:
+        where = {"gpu": "on GPUs", "cpu": "on the CPU"}
+        return "needs " + " or ".join(f"{size(b)} {where.get(d, 'on ' + d)}"
+                                      for d, b in sorted(by_device.items()))
+    return f"needs {size(estimate['total_bytes'])}"
 
 
 def percent(value: Any) -> str:

@@ -18,6 +18,7 @@ from textual.widgets import Button, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from .client import ApiError
+from .format import needs, size
 
 if TYPE_CHECKING:
     from .app import GpumeshConsole
@@ -207,10 +208,9 @@ def describe_evaluation(result: Any) -> str:
         return escape(str(result))
     lines = []
     estimate = result.get("estimate") or {}
-    if total := estimate.get("total_bytes"):
-        lines.append(f"needs {total / (1 << 30):.2f} GiB per replica "
-                     f"(weights {(estimate.get('weights_bytes') or 0) / (1 << 30):.2f}, "
-                     f"KV cache {(estimate.get('kv_cache_bytes') or 0) / (1 << 30):.2f})")
+    if wanted := needs(estimate):
+        lines.append(f"{wanted} per replica (weights {size(estimate.get('weights_bytes'))}, "
+                     f"KV cache {size(estimate.get('kv_cache_bytes'))})")
     for n, replica in enumerate((result.get("replicas") or [])[:4], start=1):
         where = f"→ {replica.get('node')}" if replica.get("fits") else "does not fit"
         lines.append(f"replica {n} {where}: {escape(str(replica.get('reason', '')))}")

@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from ..client import ApiError
-from ..format import source_label
+from ..format import needs, source_label
 from ..modals import ConfirmModal, DeployModal, NumberModal
 from ..widgets import cursor_key, sync_rows
 from .base import View, matches
@@ -97,13 +97,11 @@ class ModelsView(View):
         if model is None:
             detail.update("")
             return
-        estimate = model.get("estimate") or {}
-        total = estimate.get("total_bytes")
         parts = [f"{model['name']}: {model.get('status', '-')}",
                  f"{model.get('ready_replicas', 0)} of {model.get('replicas', 0)} ready",
                  f"format {model.get('format', '-')}"]
-        if total:
-            parts.append(f"needs {total / (1 << 30):.2f} GiB per replica")
+        if wanted := needs(model.get("estimate")):
+            parts.append(f"{wanted} per replica")
         if model.get("context_length"):
             parts.append(f"context {model['context_length']}")
         reason = self._reason(model)
