@@ -94,6 +94,10 @@ class Backend(abc.ABC):
     # Engine flags gpumesh sets itself (where it listens, what it loads, its key): a
     # deployment's `args` may not name them (mesh/deployments.py answers 400).
     reserved_flags: frozenset[str] = frozenset({"--host", "--port", "--api-key"})
+    # Whether to pick this engine by default for a model that CPU-only nodes will serve when
+    # none of them has it installed. vLLM is not such an engine (a 3 GB install, ~3 GB
+    # resident and a minute to start on a CPU): the next engine that serves the model is.
+    default_on_cpu: bool = True
     # Whether the engine keeps a connection open after a streamed answer. The gateway pools
     # engine connections; one the engine is about to close would fail the next request.
     keeps_stream_connections: bool = True

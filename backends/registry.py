@@ -6,10 +6,13 @@ when a deployment names no backend and several serve the model's format and kind
 
 from __future__ import annotations
 
+from typing import Any, Iterable, Mapping
+
 from gpumesh.backends.base import Backend
 from gpumesh.backends.custom import CustomBackend
 from gpumesh.backends.mindie import MindieBackend
 from gpumesh.backends.sglang import SglangBackend
+from gpumesh.backends.transformers_serve import TransformersBackend
 from gpumesh.backends.vox_box import VoxBoxBackend
 from gpumesh.backends.llama_cpp import LlamaCppBackend
 from gpumesh.backends.versions import BackendVersions
@@ -22,6 +25,7 @@ __all__ = ["UnknownBackend", "UnsupportedModelFormat", "backend_names", "default
 _BACKENDS: tuple[type[Backend], ...] = (
     LlamaCppBackend,
     VllmBackend,
+    TransformersBackend,  # the light one for safetensors: where vLLM is not worth it (see below)
     SglangBackend,
     VoxBoxBackend,
     MindieBackend,
@@ -101,15 +105,39 @@ def get_backend(name: str) -> Backend:
     raise UnknownBackend(f"unknown backend {name!r}; known backends: {', '.join(backend_names())}")
 
 
-def default_backend_for(model_format: str, kind: str = "llm") -> Backend:
+def default_backend_for(model_format: str, kind: str = "llm",
+                        nodes: Iterable[Mapping[str, Any]] | None = None) -> Backend:
     """The preferred backend for a model format ("gguf" …) and kind ("llm" …); raises
-    UnsupportedModelFormat."""
-    for cls in _BACKENDS:
-        if model_format in cls.model_formats and kind in cls.kinds:
-            return cls()
-    served = sorted({f"{fmt} {k}" for cls in _BACKENDS for fmt in cls.model_formats
-                     for k in cls.kinds if fmt == model_format})
-    raise UnsupportedModelFormat(
-        f"no backend serves {kind} models in {model_format!r} format yet"
-        + (f"; {model_format} kinds served: {', '.join(k.split()[1] for k in served)}" if served
-           else f"; formats served: {', '.join(sorted({f for c in _BACKENDS for f in c.model_formats}))}"))
+    UnsupportedModelFormat.
+
+    `nodes`: each node record's `backends` (`node_backends`), where the cluster is known. An
+    engine that is no default on the CPU (`Backend.default_on_cpu`: vLLM) then gives way to
+    the next one that serves the model on a CPU, unless it runs somewhere already: installed
+    on a node, or with GPUs it drives. So a cluster of CPU-only nodes without vLLM serves
+    safetensors with transformers, and vLLM stays the default wherever it runs.
+    """
+    candidates = [cls for cls in _BACKENDS if model_format in cls.model_formats and kind in cls.kinds]
+    if not candidates:
+        served = sorted({f"{fmt} {k}" for cls in _BACKENDS for fmt in cls.model_formats
+                         for k in cls.kinds if fmt == model_format})
+        raise UnsupportedModelFormat(
+            f"no backend serves {kind} models in {model_format!r} format yet"
+            + (f"; {model_format} kinds served: {', '.join(k.split()[1] for k in served)}" if served
+               else f"; formats served: {', '.join(sorted({f for c in _BACKENDS for f in c.model_formats}))}"))
+    first = candidates[0]
+    known = [node for node in nodes or () if isinstance(node, Mapping)]
+    if not first.default_on_cpu and known and not _runs_somewhere(first.name, known):
+        lighter = next((c for c in candidates[1:] if c.runs_on_cpu and c.default_on_cpu), None)
+        if lighter is not None:
+            return lighter()
+    return first()
+
+
+def _runs_somewhere(name: str, nodes: list[Mapping[str, Any]]) -> bool:
+    """Whether some node has engine `name` installed (built in or a version) or GPUs it drives."""
+    for node in nodes:
+        traits = node.get(name)
+        if isinstance(traits, Mapping) and (traits.get("gpu_vendors") or traits.get("versions")
+                                            or traits.get("builtin_version")):
+            return True
+    return False

@@ -46,6 +46,7 @@ class VllmBackend(Backend):
     kinds = frozenset({"llm", "vlm", "embedding", "rerank"})
     gpu_vendors = frozenset({"nvidia"})
     runs_on_cpu = True
+    default_on_cpu = False          # transformers serves safetensors on CPU-only nodes
     health_path = "/health"
     # Where it listens, what it loads and serves as, its key, its route prefix, TLS.
     reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name",

@@ -78,7 +78,8 @@ class ManagementApi:
         if isinstance(spec, web.Response):
             return spec
         try:
-            record = await asyncio.to_thread(build_model_record, spec)
+            nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
+            record = await asyncio.to_thread(build_model_record, spec, nodes)
         except DeploymentError as exc:
             return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
         result = await self._submit({"op": "create_model", "model": record})

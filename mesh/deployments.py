@@ -50,8 +50,12 @@ class DeploymentError(ValueError):
         self.param = param
 
 
-def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
-    """Blocking. Validate a deploy request and return the model record to replicate."""
+def build_model_record(spec: dict[str, Any],
+                       node_backends: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Blocking. Validate a deploy request and return the model record to replicate.
+
+    `node_backends`: each node record's `backends`, which the default engine depends on
+    (registry.default_backend_for: vLLM where it runs, transformers on CPU-only nodes)."""
     explicit_name = spec.get("name")
     if explicit_name is not None:
         validate_name(explicit_name)
@@ -68,7 +72,7 @@ def build_model_record(spec: dict[str, Any]) -> dict[str, Any]:
     facts = _facts(source)
     model_format = facts.format
     kind = _kind(spec.get("kind"), source)
-    backend, version = _backend(spec.get("backend"), model_format, kind)
+    backend, version = _backend(spec.get("backend"), model_format, kind, node_backends)
     estimate = _estimate(source, facts, context_length, backend.name)
     image = _image(spec.get("image"), backend)
     _refuse_reserved_flags(args, backend)
@@ -130,7 +134,8 @@ def _kind(requested: Any, source: dict[str, Any]) -> str:
         raise DeploymentError(str(exc), "source") from None
 
 
-def _backend(requested: Any, model_format: str, kind: str):
+def _backend(requested: Any, model_format: str, kind: str,
+             node_backends: list[dict[str, Any]] | None = None):
     """The backend and the version the deployment pins (None: the node's default)."""
     if requested:
         try:
@@ -151,7 +156,7 @@ def _backend(requested: Any, model_format: str, kind: str):
                 "if the kind was detected wrongly, say it with --kind", "backend")
         return backend, version
     try:
-        return default_backend_for(model_format, kind), None
+        return default_backend_for(model_format, kind, node_backends), None
     except (KeyError, ValueError) as exc:
         raise DeploymentError(str(exc.args[0] if exc.args else exc), "backend") from None
 

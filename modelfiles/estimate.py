@@ -192,5 +192,20 @@ class _Vllm(_Profile):
         return {"gpu": self._RUNTIME["gpu"], "cpu": self._RUNTIME["cpu"] + cpu_kv - kv}
 
 
+class _Transformers(_Profile):
+    """transformers serve: one process (torch, transformers, the server); its KV cache grows
+    with the context instead of being preallocated, so the KV figure is a ceiling."""
+
+    name = "transformers"
+    # CPU: ~413 MiB resident with a 5 MB model, measured (torch + transformers + FastAPI).
+    # GPU: the CUDA context, as for the other engines (to be checked on a GPU).
+    _RUNTIME = {"gpu": 512 * _MiB, "cpu": 448 * _MiB}
+
+    def runtime_bytes(self, facts: ModelFacts, kv: int) -> dict[str, int]:
+        share = int(OVERHEAD_FRACTION * (facts.weights_bytes + kv))     # activations
+        return {device: fixed + share for device, fixed in self._RUNTIME.items()}
+
+
 _GENERIC = _Profile()
-ENGINE_PROFILES: dict[str, _Profile] = {"llama.cpp": _LlamaCpp(), "vllm": _Vllm()}
+ENGINE_PROFILES: dict[str, _Profile] = {"llama.cpp": _LlamaCpp(), "vllm": _Vllm(),
+                                        "transformers": _Transformers()}

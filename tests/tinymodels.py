@@ -15,7 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["CHAT_TEMPLATE", "write_projector_header", "write_tiny_gguf", "write_tiny_hf_llama"]
+__all__ = ["CHAT_TEMPLATE", "write_projector_header", "write_tiny_gguf", "write_tiny_hf_llama",
+           "write_tiny_hf_llava", "tiny_png", "VLM_CHAT_TEMPLATE"]
 
 # A minimal Jinja chat template (rendered by llama.cpp's own engine), so that
 # /v1/chat/completions works without any template guessing by the server.
@@ -222,3 +223,66 @@ def write_projector_header(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# A LLaVA (CLIP vision tower + the Llama above) needs torch and transformers to be written
+# consistently (weights, processor, image token): the script runs in an interpreter that
+# has them, such as a transformers engine's virtual env.
+_LLAVA_SCRIPT = r"""
+import json, sys, torch
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+text_dir, out, template = sys.argv[1], sys.argv[2], sys.argv[3]
+tokenizer = PreTrainedTokenizerFast.from_pretrained(text_dir)
+tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+text = json.load(open(text_dir + "/config.json"))
+config = LlavaConfig(
+    vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, image_size=32, patch_size=8),
+    text_config=LlamaConfig(vocab_size=len(tokenizer), **{k: text[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta")}),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+torch.manual_seed(0)
+LlavaForConditionalGeneration(config).save_pretrained(out)
+LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                  crop_size={"height": 32, "width": 32}),
+               tokenizer=tokenizer, patch_size=8, chat_template=template,
+               vision_feature_select_strategy="default",
+               num_additional_image_tokens=1).save_pretrained(out)
+"""
+
+# Text and images, in the content-parts form OpenAI clients send for VLMs.
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def write_tiny_hf_llava(directory: Path, python: str | Path) -> Path:
+    """Write a random-weight LLaVA (a 32x32-pixel CLIP tower on the tiny Llama) with its
+    processor into `directory`, using `python` (an interpreter with torch + transformers)."""
+    import subprocess
+
+    directory = Path(directory)
+    text_dir = write_tiny_hf_llama(directory.with_name(directory.name + "-text"))
+    subprocess.run([str(python), "-c", _LLAVA_SCRIPT, str(text_dir), str(directory),
+                    VLM_CHAT_TEMPLATE], check=True, capture_output=True, timeout=300)
+    return directory
+
+
+def tiny_png(width: int = 16, height: int = 16) -> bytes:
+    """A solid red PNG, written by hand (zlib + struct: no imaging library needed)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
