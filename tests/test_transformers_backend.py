@@ -78,6 +78,10 @@ def test_the_api_picks_the_engine_from_what_the_nodes_have(node: InProcessNode,
         node.submit({"op": "upsert_node", "node": {"id": node_id, "name": node_id,
                                                    "status": "ready", "backends": backends,
                                                    "updated": time.time()}})
+    evaluated = asyncio.run(http_request(node.url + "/api/models/evaluate", "POST",
+                                         json_body={"name": "light", "source": model},
+                                         key=node.admin_key))  # type: ignore[attr-defined]
+    assert (evaluated.status, evaluated.body["backend"]) == (200, "transformers")  # as deploy
     status, body = deploy(node, {"name": "light", "source": model})
     assert status == 201, body
     assert body["backend"] == "transformers"

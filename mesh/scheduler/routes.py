@@ -40,7 +40,9 @@ class EvaluateApi:
         if not isinstance(spec, dict):
             return openai_error(400, "the request body must be a JSON object")
         try:
-            record = await asyncio.to_thread(build_model_record, spec)
+            # The same default engine as a deploy would get (it depends on the nodes).
+            nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
+            record = await asyncio.to_thread(build_model_record, spec, nodes)
         except DeploymentError as exc:
             return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
         view = self._store.view
