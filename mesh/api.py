@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from gpumesh import __version__
+
 from .api_access import json_object
 from .errors import openai_error, write_unavailable
 from .scheduler.demand import is_on_demand
@@ -50,7 +52,8 @@ class ManagementApi:
     # --- read ------------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        # Open to all: the version lets `gpumesh version` / `doctor` compare without a key.
+        return web.json_response({"status": "ok", "version": __version__})
 
     async def list_backends(self, request: web.Request) -> web.Response:
         return web.json_response({"data": self._local_backends()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -284,3 +285,99 @@ def test_spec_file_errors_name_the_line(node: Daemon, workdir: Path, tiny_model:
     assert result.returncode == 2, result.stderr
     assert f"{spec}:{line}: " in result.stderr and message in result.stderr, result.stderr
     assert node.api("/api/models")[1]["data"] == []
+
+
+# --- version, doctor, completion ----------------------------------------------------------
+
+def test_version_names_the_client_and_every_node(node: Daemon, workdir: Path) -> None:
+    result = gpumesh("version", "--json", cwd=workdir, GPUMESH_DATA_DIR=str(node.data_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    from gpumesh import __version__
+    assert report["client"]["version"] == __version__
+    assert report["node"] == {"url": node.url, "version": __version__}
+    assert [n["version"] for n in report["nodes"]] == [__version__]
+    away = gpumesh("version", "--url", f"127.0.0.1:{free_port()}", cwd=workdir)
+    assert away.returncode == 0 and "node: not reachable (cannot reach gpumesh" in away.stdout
+
+
+def test_doctor_reads_a_real_nodes_ports(node: Daemon, workdir: Path) -> None:
+    args = ("doctor", "--json", "--data-dir", str(node.data_dir), "--discovery", "off")
+    ours = gpumesh(*args, "--api-port", str(node.api_port), "--raft-port",
+                   str(node.raft_port), cwd=workdir)
+    report = json.loads(ours.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert {"python", "api port", "raft port", "mdns", "disk", "memory", "data dir",
+            "engine:llama.cpp", "node"} <= set(checks)
+    assert all(set(c) == {"name", "status", "summary", "fix", "details"}
+               for c in report["checks"])
+    assert checks["api port"]["status"] == "ok"
+    assert f"running gpumesh (pid {node.process.pid})" in checks["api port"]["summary"]
+    assert checks["raft port"]["details"]["pid"] == node.process.pid
+    assert checks["node"]["details"]["url"] == node.url
+    assert checks["engine:llama.cpp"]["status"] == "ok"
+    assert ours.returncode == (1 if report["problems"] else 0)
+    with socket.socket() as squatter:                   # a port someone else holds
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        busy = gpumesh(*args, "--api-port", str(taken), "--raft-port", str(free_port()),
+                       cwd=workdir)
+    assert busy.returncode == 1
+    check = next(c for c in json.loads(busy.stdout)["checks"] if c["name"] == "api port")
+    assert check["status"] == "fail" and f"sport = :{taken}" in check["fix"]
+    assert "--api-port" in check["fix"]
+
+
+BASH_COMPLETE = """
+source <(gpumesh completion bash)
+complete -p gpumesh
+comp() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _gpumesh
+         echo "${COMPREPLY[*]}"; }
+comp gpumesh dep
+comp gpumesh deploy --na
+comp gpumesh up --log-level ""
+comp gpumesh rm ""
+"""
+
+
+def test_bash_completion_loads_and_completes_commands_flags_and_live_names(
+        node: Daemon, workdir: Path, tiny_model: Path) -> None:
+    env = {"GPUMESH_DATA_DIR": str(node.data_dir),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    assert gpumesh("deploy", str(tiny_model), "--name", "listed", "--replicas", "0",
+                   cwd=workdir, **env).returncode == 0
+    try:
+        result = subprocess.run(["bash", "-c", BASH_COMPLETE], capture_output=True, text=True,
+                                timeout=60, cwd=workdir, env={**os.environ, **env})
+    finally:
+        gpumesh("rm", "listed", cwd=workdir, **env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["complete -o default -F _gpumesh gpumesh", "deploy",
+                                          "--name", "debug info warning error", "listed"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completion_completes(workdir: Path) -> None:
+    script = workdir / "gpumesh.fish"
+    script.write_text(gpumesh("completion", "fish", cwd=workdir).stdout)
+    result = subprocess.run(["fish", "-c", f"source {script}; complete -C 'gpumesh dep'; "
+                             "complete -C 'gpumesh up --log-level '"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    words = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert words == ["deploy", "debug", "error", "info", "warning"]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_loads(workdir: Path) -> None:
+    script = workdir / "_gpumesh"
+    script.write_text(gpumesh("completion", "zsh", cwd=workdir).stdout)
+    assert subprocess.run(["zsh", "-n", str(script)], timeout=30).returncode == 0
+    result = subprocess.run(["zsh", "-f", "-c", f"autoload -U compinit; compinit -u -D; "
+                             f"source {script}; print -r -- $_comps[gpumesh]; "
+                             f"whence -w _gpumesh_deploy _gpumesh_node_drain"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["_gpumesh", "_gpumesh_deploy:", "function",
+                                     "_gpumesh_node_drain:", "function"]

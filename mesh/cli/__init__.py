@@ -16,13 +16,14 @@ import sys
 from gpumesh import __version__
 
 from ..client import ApiError
-from . import access, cluster, daemon, engines, models, tui, usage
+from . import (access, cluster, completion, daemon, doctor, engines, models, tui, usage,
+               version)
 from .output import EXIT_CODES_HELP, CliError, Exit, error_from_api, print_error
 
 __all__ = ["build_parser", "main"]
 
 # The command groups, in the order `gpumesh --help` lists them.
-_GROUPS = (daemon, models, engines, cluster, access, usage, tui)
+_GROUPS = (daemon, models, engines, cluster, access, usage, tui, doctor, version, completion)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["__complete"]:     # live names for shell completion (completion.py)
+        from .completion import complete_names
+        print("\n".join(complete_names(argv[1] if len(argv) > 1 else "")))
+        return Exit.OK
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

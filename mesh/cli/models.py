@@ -10,7 +10,7 @@ from typing import Any
 
 from ..client import ApiClient, ApiError, model_path
 from . import cache, placement
-from .output import (CliError, Exit, add_client_command, client_for, gib, print_result,
+from .output import (CliError, Exit, add_client_command, client_for, completes, gib, print_result,
                      source_label, status_cell, table)
 
 __all__ = ["register", "wait_running"]
@@ -264,20 +264,20 @@ def register(sub: Any) -> None:
     cache.register_under(models)                 # gpumesh models cache ls|rm
     show = add_client_command(sub, "show", cmd_show, "one model in detail: source, "
                               "memory, instances and why any is not running")
-    show.add_argument("name", metavar="NAME", help="the model's name")
+    completes(show.add_argument("name", metavar="NAME", help="the model's name"), "models")
     instances = add_client_command(sub, "instances", cmd_instances,
                                    "list instances (replicas): where each runs, its state "
                                    "and why")
     instances.add_argument("--model", metavar="NAME", help="only this model's instances")
 
     scale = add_client_command(sub, "scale", cmd_scale, "change a model's replica count")
-    scale.add_argument("name", metavar="NAME", help="the model's name")
+    completes(scale.add_argument("name", metavar="NAME", help="the model's name"), "models")
     scale.add_argument("replicas", metavar="REPLICAS", type=int,
                        help="instances wanted (0 stops every instance but keeps the model)")
     _wait_flags(scale)
 
     rm = add_client_command(sub, "rm", cmd_rm, "remove a model and stop its instances")
-    rm.add_argument("name", metavar="NAME", help="the model's name")
+    completes(rm.add_argument("name", metavar="NAME", help="the model's name"), "models")
     rm.add_argument("--ignore-missing", action="store_true",
                     help="exit 0 when there is no such model (for scripts)")
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, TextIO
 from ..client import ApiClient, ApiError, resolve_target
 
 __all__ = ["CliError", "EXIT_CODES_HELP", "Exit", "Styled", "add_client_command",
-           "add_json_flag", "client_for", "colour_enabled", "error_from_api", "gib",
+           "add_json_flag", "completes", "client_for", "colour_enabled", "error_from_api", "gib",
            "print_error", "print_result", "source_label", "status_cell", "table"]
 
 
@@ -103,6 +103,13 @@ def add_client_command(sub: Any, name: str, handler: Callable[[argparse.Namespac
     add_json_flag(p)
     p.set_defaults(command=name, handler=handler)
     return p
+
+
+def completes(action: argparse.Action, kind: str) -> argparse.Action:
+    """Mark a positional as naming a `kind` ("models", "nodes", "instances"): shell
+    completion then offers the live names (completion.py)."""
+    action.complete = kind           # type: ignore[attr-defined]
+    return action
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
