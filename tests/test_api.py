@@ -102,7 +102,7 @@ def test_health_needs_no_key(api) -> None:
     for key in (None, "gm-bogus-key", "user", "admin"):
         reply = api("GET", "/api/health", key=key)
         assert reply.status == 200, (key, reply)
-        assert reply.body == {"status": "ok"}
+        assert reply.body == {"status": "ok", "version": __version__}
 
 
 @pytest.mark.parametrize("path", ["/api/status", "/api/nodes", "/api/backends", "/api/models",
