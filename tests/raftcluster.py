@@ -13,13 +13,13 @@ READY_S = 20.0
 
 
 def make_store(root: Path, address: str, partners: list[str],
-               secret: str = SECRET) -> ClusterStore:
+               secret: str = SECRET, bind_host: str = "127.0.0.1") -> ClusterStore:
     """A store whose files live in root/<host_port>/ (journal, snapshot, member list)."""
     folder = root / address.replace(":", "_")
     folder.mkdir(parents=True, exist_ok=True)
     return ClusterStore(self_address=address, partners=partners,
                         journal_file=folder / "journal", snapshot_file=folder / "snapshot",
-                        secret=secret, bind_host="127.0.0.1")
+                        secret=secret, bind_host=bind_host)
 
 
 async def leader_of(stores: list[ClusterStore], timeout: float = READY_S) -> ClusterStore:

@@ -99,12 +99,23 @@ def test_a_partition_stops_the_minority_the_majority_goes_on_and_healing_converg
         # Refused, or not confirmed (a node that appended it cannot know): never a 2xx.
         assert (code, body["error"]["code"]) in ((503, "no_quorum"), (504, "outcome_unknown")), body
         assert chat(minority) == (200, "hello there")
+        # What the majority settled on, which healing must not disturb.
+        settled = nodes.status(majority[0])
+        minority_term = nodes.status(minority)["term"]
     finally:
         topology.partition(index, connected=True)
 
     # Healing: one leader, one log, and the stale instance stops instead of running twice.
     nodes.wait(lambda: len({json.dumps(nodes.status(n)["leader"]) for n in nodes.nodes}) == 1
                and all(nodes.status(n)["quorum"] for n in nodes.nodes), "one leader again", 60)
+    # PreVote: the cut-off node asked to campaign but never did (its term stayed at most the
+    # majority's), so the majority's leader kept leading through the heal, in the same term.
+    assert minority_term <= settled["term"], (minority_term, settled["term"])
+    time.sleep(1.0)
+    for node in nodes.nodes:
+        status = nodes.status(node)
+        assert status["leader"]["node_id"] == settled["leader"]["node_id"], status
+        assert status["term"] == settled["term"], (status["term"], settled["term"])
     nodes.wait(lambda: running_on(minority) == running_on(majority[0])
                and len(running_on(minority)) == 1, "the healed node agrees", 30)
     nodes.wait(lambda: children_of(minority.process.pid) == []            # type: ignore[union-attr]

@@ -17,9 +17,11 @@ from pysyncobj.version import VERSION
 
 __all__ = ["PINNED_VERSION", "check_version", "clock", "install", "transport_of", "journal_of",
            "election_deadline", "set_election_deadline", "next_heartbeat", "last_log_index",
-           "commands_pending", "wake", "leader_noop_applied"]
+           "commands_pending", "wake", "leader_noop_applied", "last_log_term",
+           "would_campaign", "transfer_in_progress"]
 
 PINNED_VERSION = "0.3.17"
+_FOLLOWER, _CANDIDATE = 0, 1         # pysyncobj's _RAFT_STATE
 
 
 # pysyncobj's deadlines are on its own clock (CLOCK_MONOTONIC_RAW on Linux), not on
@@ -39,7 +41,7 @@ def election_deadline(raft: SyncObj) -> float:
 
 
 def set_election_deadline(raft: SyncObj, when: float) -> None:
-    # Tick thread only. Used for the start-up quiet period and the leader-FIN hook.
+    # Tick thread only. Used by PreVote and the leader-FIN hook.
     raft._SyncObj__raftElectionDeadline = when
 
 
@@ -50,6 +52,23 @@ def next_heartbeat(raft: SyncObj) -> float:
 
 def last_log_index(raft: SyncObj) -> int:
     return raft._SyncObj__raftLog[-1][1]
+
+
+def last_log_term(raft: SyncObj) -> int:
+    return raft._SyncObj__raftLog[-1][2]
+
+
+def would_campaign(raft: SyncObj) -> bool:
+    """Whether pysyncobj's next tick starts an election (its own test, syncobj.py _onTick)."""
+    return (raft._SyncObj__raftState in (_FOLLOWER, _CANDIDATE)
+            and raft.selfNode is not None
+            and raft._SyncObj__raftElectionDeadline < clock()
+            and raft._SyncObj__connectedToAnyone())
+
+
+def transfer_in_progress(raft: SyncObj) -> bool:
+    """The leader asked this node to take over (TimeoutNow)."""
+    return bool(raft._SyncObj__transferInProgress)
 
 
 def commands_pending(raft: SyncObj) -> bool:

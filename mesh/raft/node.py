@@ -24,7 +24,6 @@ import functools
 import gzip
 import logging
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .internals import clock
 from .journal import DurableJournal, JournalWriteError
 from .members import MemberFile
 from .poller import CountingPoller
+from .prevote import PreVote
 from .transport import MIN_SECRET_LENGTH, GmTransport
 
 __all__ = ["RaftNode", "RaftStatus", "PeerStatus"]
@@ -55,9 +55,9 @@ _HEARTBEAT_S = 0.1
 # during which an isolated leader keeps accepting writes that can only time out).
 _LEADER_FALLBACK_S = 1.5
 _RETRY_DIAL_S = 1.0
-# After start, a node with peers waits this long before it may campaign, so a restarted node
-# hears the sitting leader before it can depose it with a higher term (no PreVote in pysyncobj).
-_QUIET_START_S = 1.5
+# PreVote (prevote.py): a peer that heard its leader this recently will not help anyone
+# campaign. One election timeout, as in the Raft thesis.
+_LEADER_LEASE_S = _RAFT_MIN_TIMEOUT_S
 _MAX_WAIT_S = 0.25
 _BUSY_TICK_S = 0.001
 _BUSY_WINDOW_S = 0.05
@@ -201,6 +201,8 @@ class RaftNode:
         self._next_handoff = 0.0
         self._next_probe = 0.0
         self.ticks = 0          # ticks run so far (tests and benchmarks read it)
+        self.prevote = PreVote(lease_s=_LEADER_LEASE_S, retry_min_s=_RAFT_MIN_TIMEOUT_S,
+                               retry_max_s=_RAFT_MAX_TIMEOUT_S)
 
     # --- lifecycle (blocking: call from a worker thread) ------------------------------------
 
@@ -227,13 +229,10 @@ class RaftNode:
                                      f"{self._conf.bindAddress}: it is in use or not "
                                      f"this machine's") from None
             raise
-        if others:
-            internals.set_election_deadline(
-                raft, clock() + _QUIET_START_S
-                + random.uniform(0, _RAFT_MAX_TIMEOUT_S - _RAFT_MIN_TIMEOUT_S))
         self._raft = raft
         self._journal = internals.journal_of(raft)
         self._transport = internals.transport_of(raft)
+        self._transport.prevote = self.prevote
         self._transport.before_flush = self._journal.sync
         self._transport.journal = self._journal
         self._record_members(tuple(sorted(members)))
@@ -288,6 +287,7 @@ class RaftNode:
                 self.ticks += 1
                 try:
                     handled = raft._poller.dispatched
+                    self.prevote.before_tick(raft, transport)
                     raft.doTick(0.0)
                     transport.flush()        # journal durable, then every message queued
                     self._publish(raft)

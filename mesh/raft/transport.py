@@ -18,9 +18,11 @@ class (`GmTransport`, with its own connection and server classes) that speaks:
   frame counter as the nonce, the length header as associated data. A replayed, reordered,
   cut or altered frame fails authentication and closes the connection.
 * The plaintext is `codec` msgpack (never pickle, never zlib). Only dicts whose `type` is
-  one of pysyncobj's peer messages pass; pysyncobj's utility commands (status, add, remove,
-  set_version, transfer: lists) are refused, and so is a forwarded command that is not a
-  plain state-machine call (a membership or version change, or bytes that do not decode).
+  one of pysyncobj's peer messages pass, plus gpumesh's own PreVote messages (checked for
+  shape, handled by `prevote.PreVote`, never handed to pysyncobj); pysyncobj's utility
+  commands (status, add, remove, set_version, transfer: lists) are refused, and so is a
+  forwarded command that is not a plain state-machine call (a membership or version
+  change, or bytes that do not decode).
 * Unauthenticated connections are cut after `HANDSHAKE_DEADLINE_S`, and at most
   `MAX_PENDING` of them exist at once (more are closed as they are accepted).
 * Messages are buffered and leave together (`flush`) at the end of each tick and of each
@@ -53,7 +55,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
-from . import codec, internals
+from . import codec, internals, prevote
 from .internals import clock
 
 __all__ = ["GmTransport", "MIN_SECRET_LENGTH", "cluster_key", "ClientHandshake",
@@ -75,6 +77,8 @@ _TAG = 16
 # pysyncobj's peer messages; anything else from a peer is a protocol violation.
 _PEER_TYPES = frozenset({"request_vote", "response_vote", "append_entries", "next_node_idx",
                          "apply_command", "apply_command_response", "timeout_now"})
+# gpumesh's own peer messages, handled here and never handed to pysyncobj (prevote.py).
+_OWN_TYPES = prevote.MESSAGE_TYPES
 _WELCOME = {"type": "gm_welcome"}
 _REGULAR_COMMAND = 0                 # pysyncobj's _COMMAND_TYPE.REGULAR
 
@@ -528,6 +532,7 @@ class GmTransport(TCPTransport):
         self.journal: Any = None                     # told where each message starts and ends
         # Called before buffered messages leave: makes the journal durable (RaftNode sets it).
         self.before_flush: Callable[[], None] = lambda: None
+        self.prevote: prevote.PreVote | None = None  # RaftNode sets it
         super().__init__(syncObj, selfNode, otherNodes)
 
     # --- hooks TCPTransport calls ----------------------------------------------------------
@@ -547,6 +552,15 @@ class GmTransport(TCPTransport):
             self._connections[node] = conn
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
+        kind = message["type"]
+        if self.prevote is not None:
+            if kind in _OWN_TYPES:
+                self.prevote.on_message(self._syncObj, self, node, message)
+                return
+            if kind == "append_entries":
+                self.prevote.saw_append(self._syncObj, message["term"])
+        elif kind in _OWN_TYPES:
+            return
         journal = self.journal
         if journal is None:
             super()._onMessageReceived(node, message)
@@ -624,9 +638,16 @@ class GmTransport(TCPTransport):
 
     def check_message(self, message: Any) -> None:
         """Let through only pysyncobj's peer messages, and only plain forwarded commands."""
-        if not isinstance(message, dict) or message.get("type") not in _PEER_TYPES:
+        if not isinstance(message, dict) or message.get("type") not in _PEER_TYPES | _OWN_TYPES:
             kind = message.get("type") if isinstance(message, dict) else type(message).__name__
             raise _Refused(f"a message of type {kind!r} (not a Raft peer message)")
+        if message["type"] in _OWN_TYPES:
+            fields = (("round", int), ("granted", bool)) if message["type"] == "pre_vote_answer" \
+                else (("round", int), ("term", int), ("last_log_index", int),
+                      ("last_log_term", int))
+            if not all(isinstance(message.get(name), kind) for name, kind in fields):
+                raise _Refused(f"a malformed {message['type']}")
+            return
         if message["type"] == "append_entries" and not isinstance(message.get("term"), int):
             raise _Refused("an append without a term")
         if message["type"] == "apply_command":
@@ -652,6 +673,13 @@ class GmTransport(TCPTransport):
             self._refusals.clear()
         log.warning("Raft port: closed the connection from %s (%s): %s", conn.remote,
                     conn.peer or "unauthenticated", why)
+
+    def last_received(self, node: Any) -> float | None:
+        """clock() of the last authenticated frame from `node` on its live link, or None."""
+        conn = self._connections.get(node)
+        if conn is None or not conn.authenticated:
+            return None
+        return conn.last_received
 
     def last_heard(self) -> dict[str, float]:
         """Member address → clock() of its last authenticated frame on the live link."""
