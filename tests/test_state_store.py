@@ -118,16 +118,19 @@ def test_submit_before_start_raises_state_unavailable(tmp_path):
 def test_sequential_submits_are_event_driven_not_timer_driven(tmp_path):
     async def body(store):
         await store.submit(NODE)                      # warm up
-        count = 50
-        started = time.perf_counter()
-        for i in range(count):
+        latencies = []
+        for i in range(50):
+            started = time.perf_counter()
             await store.submit({"op": "upsert_node",
                                 "node": {"id": f"n{i}", "name": f"h{i}", "status": "ready"}})
-        return (time.perf_counter() - started) / count, store.view
-    mean, view = _run(tmp_path, body)
+            latencies.append(time.perf_counter() - started)
+        return sorted(latencies)[len(latencies) // 2], store.view
+    median, view = _run(tmp_path, body)
     assert len(view.nodes) == 50
-    # The 50 ms tick timer would make this ~50 ms; event-driven commits take ~1 ms.
-    assert mean < 0.020, f"mean submit latency {mean * 1000:.1f} ms"
+    # Waiting for the leader's next heartbeat (0.1 s) would make this ~50-100 ms; event-driven
+    # commits take ~1 ms. The median, and a bound far from both: a loaded machine stalls
+    # some submits (a mean of 28 ms was seen with other suites running), not most.
+    assert median < 0.040, f"median submit latency {median * 1000:.1f} ms"
 
 
 def test_concurrent_submits_all_apply_and_conflicts_are_decided_once(tmp_path):
