@@ -20,7 +20,7 @@ import aiohttp
 from gpumesh.backends.base import LaunchSpec
 from gpumesh.backends.versions import BackendVersions
 
-from .instance import InstanceSupervisor, Timings
+from .instance import InstanceSupervisor, Timings, restart_generation
 from .rpc_workers import RpcWorker, rpc_duties
 from .runtimes.base import Runtime
 from .runtimes.container import ContainerRuntime
@@ -103,15 +103,20 @@ class NodeAgent:
             self.reconcile(view)
 
     def reconcile(self, view: StateView) -> None:
-        wanted = {i["id"] for i in view.instances_on(self._node_id)}
+        mine = {i["id"]: i for i in view.instances_on(self._node_id)}
+        wanted = mine.keys()
         for instance_id in wanted - self._supervisors.keys():
             supervisor = InstanceSupervisor(
                 instance_id, node_id=self._node_id, store=self._store, session=self._session,
                 model_cache=self._model_cache, log_file=self.log_file(instance_id),
                 versions=self._versions, runtimes=self._runtime_for, timings=self._timings,
-                on_installed=self._on_installed, engine_secret=self._engine_secret)
+                on_installed=self._on_installed, engine_secret=self._engine_secret,
+                restart_generation=restart_generation(mine[instance_id]))
             self._supervisors[instance_id] = supervisor
             supervisor.start()
+        for instance_id, supervisor in self._supervisors.items():
+            if instance_id in mine:
+                supervisor.observe(mine[instance_id])      # a restart asked for anywhere
         self._reconcile_rpc_workers(view)
         for instance_id in self._supervisors.keys() - wanted:
             log.info("instance %s is no longer assigned here; stopping it", instance_id)

@@ -11,6 +11,7 @@ OpenAI-shaped body as the gateway, so one client parses both.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -48,6 +49,7 @@ class ManagementApi:
         r.add_patch("/api/models/{name:.+}", self.update_model)
         r.add_delete("/api/models/{name:.+}", self.delete_model)
         r.add_get("/api/instances", self.list_instances)
+        r.add_post("/api/instances/{id}/restart", self.restart_instance)
 
     # --- read ------------------------------------------------------------------------------
 
@@ -116,6 +118,23 @@ class ManagementApi:
             return result
         return web.json_response({"deleted": name,
                                   "instances_removed": result["instances_removed"]})
+
+    async def restart_instance(self, request: web.Request) -> web.Response:
+        """Any node: the owning node's agent restarts the engine once the command applies
+        there (`restart_instance` bumps the record's `restart_generation`)."""
+        instance_id = request.match_info["id"]
+        result = await self._submit({"op": "restart_instance", "id": instance_id,
+                                     "at": time.time()})
+        if isinstance(result, web.Response):
+            return result
+        instance = result["instance"]
+        node = self._store.view.nodes.get(instance["node_id"]) or {}
+        return web.json_response({"restarting": instance_id, "model": instance["model"],
+                                  "node_id": instance["node_id"],
+                                  "node": node.get("name", instance["node_id"]),
+                                  "node_status": node.get("status"),
+                                  "restart_generation": instance["restart_generation"]},
+                                 status=202)
 
     async def _submit(self, command: dict[str, Any]) -> dict[str, Any] | web.Response:
         try:

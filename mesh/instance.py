@@ -41,7 +41,7 @@ from .auth import engine_key
 from .sources import SourceError, fetch_source
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
-__all__ = ["InstanceSupervisor", "Timings", "engine_error_line"]
+__all__ = ["InstanceSupervisor", "Timings", "engine_error_line", "restart_generation"]
 
 log = logging.getLogger("gpumesh.agent")
 
@@ -77,7 +77,7 @@ class InstanceSupervisor:
                  versions: BackendVersions, runtimes: Callable[[LaunchSpec], Runtime],
                  timings: Timings = Timings(),
                  on_installed: Callable[[], Awaitable[None]] | None = None,
-                 engine_secret: bytes | None = None) -> None:
+                 engine_secret: bytes | None = None, restart_generation: int = 0) -> None:
         self.instance_id = instance_id
         self._engine_secret = engine_secret
         self._node_id = node_id
@@ -91,13 +91,47 @@ class InstanceSupervisor:
         self._on_installed = on_installed
         self._engine: EngineHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        # Restart requests already served: the record's count when this supervisor began
+        # (a node that restarts does not replay old requests), then each one acted on.
+        self._restart_generation = restart_generation
         self._attempt_started_at = 0      # log offset where this attempt's output begins
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name=f"instance-{self.instance_id}")
 
+    def observe(self, instance: dict[str, Any]) -> None:
+        """The instance's record changed: restart the engine if someone asked since."""
+        generation = restart_generation(instance)
+        if generation <= self._restart_generation:
+            return
+        self._restart_generation = generation
+        if self._restarting is None or self._restarting.done():  # else one is under way
+            self._restarting = asyncio.create_task(self._restart(),
+                                                   name=f"restart-{self.instance_id}")
+
+    async def _restart(self) -> None:
+        """Stop the engine and supervise afresh (backoff from 1 s again). The record says
+        "starting" first, so gateways stop routing to the port before the engine goes."""
+        log.info("instance %s: restarting its engine on request", self.instance_id)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while True:            # a request that arrives meanwhile is answered by this one too
+            handled = self._restart_generation
+            await self._report("starting", reason="restarting on request", port=None,
+                               pid=None, restart_handled=handled)
+            await self._terminate(self._timings.stop_grace_s)
+            if self._restart_generation == handled:
+                break
+        self._task = asyncio.create_task(self._supervise(), name=f"instance-{self.instance_id}")
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop the engine (TERM, then KILL after `grace`) and end the supervising task."""
+        if self._restarting is not None:
+            self._restarting.cancel()
+            await asyncio.gather(self._restarting, return_exceptions=True)
+            self._restarting = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -396,6 +430,11 @@ def engine_error_line(lines: list[str]) -> str:
             if pattern.search(line):
                 return line[:500]
     return useful[-1][:500] if useful else "(no output)"
+
+
+def restart_generation(instance: dict[str, Any]) -> int:
+    """How many restarts were asked for this instance (`restart_instance`)."""
+    return int(instance.get("restart_generation") or 0)
 
 
 def _builtin_version(backend: Backend) -> str | None:

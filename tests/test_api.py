@@ -401,6 +401,22 @@ def test_delete_removes_the_model_and_its_instances(api, node, gguf) -> None:
     assert again.status == 404
 
 
+def test_restart_records_the_request_for_the_owning_node(api, node, gguf) -> None:
+    deploy(node, gguf, "restartable")
+    node.submit({"op": "create_instance", "instance": instance_record(
+        "restartable-1", "restartable", "running", port=3, node_id="node-b")})
+    reply = api("POST", "/api/instances/restartable-1/restart")
+    assert reply.status == 202, reply
+    assert reply.body == {"restarting": "restartable-1", "model": "restartable",
+                          "node_id": "node-b", "node": "alpha", "node_status": "ready",
+                          "restart_generation": 1}
+    assert node.store.view.instances["restartable-1"]["restart_generation"] == 1
+    assert node.store.view.instances["restartable-1"]["state"] == "running"  # the owner acts
+    missing = api("POST", "/api/instances/ghost/restart")
+    assert missing.status == 404 and missing.error["code"] == "instance_not_found"
+    assert api("POST", "/api/instances/restartable-1/restart", key="user").status == 403
+
+
 # --- model_summary: status ---------------------------------------------------------------------
 
 def test_model_status_values(api, node, gguf) -> None:

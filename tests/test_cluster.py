@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Cluster, Daemon, children_of
+from harness import Cluster, Daemon, children_of, pid_alive
 from tinymodels import write_tiny_gguf
 
 GRAMMAR = 'root ::= "hello there"'
@@ -131,6 +131,25 @@ def test_a_follower_accepts_writes_and_every_node_reads_them(cluster: Cluster,
     for node in cluster.nodes:
         cluster.wait(lambda: running_on(node) == placed, "every node sees both replicas")
         assert chat(node) == (200, "hello there")
+
+
+def test_an_instance_restarts_from_a_node_that_does_not_run_it(cluster: Cluster) -> None:
+    front = cluster.nodes[0]
+    code, body = front.api("/api/instances")
+    tiny = {i["id"]: i for i in body["data"] if i["model"] == "tiny"}
+    target = next(i for i in tiny.values() if i["node_id"] != node_id(front))
+    # The request goes into the replicated state; the owner's agent restarts its engine.
+    result = front.cli("restart", target["id"], "--wait", "--timeout", "90")
+    assert result.returncode == 0, result.stderr
+    assert f"restarted {target['id']} (tiny) on node" in result.stdout
+    code, body = front.api("/api/instances")
+    after = {i["id"]: i for i in body["data"]}
+    assert after[target["id"]]["state"] == "running"
+    assert after[target["id"]]["pid"] != target["pid"] and not pid_alive(target["pid"])
+    assert all(after[i]["pid"] == tiny[i]["pid"] for i in tiny if i != target["id"])
+    assert chat(front) == (200, "hello there")
+    missing = front.cli("restart", "no-such-model")
+    assert missing.returncode == 3 and "no instance or model" in missing.stderr
 
 
 # --- losing the leader ----------------------------------------------------------------------------

@@ -248,6 +248,26 @@ def test_delete_instance_refuses_unknown_instance():
     _apply_refused(_populated(), {"op": "delete_instance", "id": "ghost"}, "instance_not_found")
 
 
+# --- restart_instance ------------------------------------------------------------------------
+
+def test_restart_instance_counts_requests_and_keeps_the_rest_of_the_record():
+    state = _populated()
+    once, result = _apply_ok(state, {"op": "restart_instance", "id": "i2", "at": 5.0})
+    twice, _ = _apply_ok(once, {"op": "restart_instance", "id": "i2", "at": 6.0})
+    assert result["instance"] == {**_instance("i2", "m1", "n2"), "restart_generation": 1,
+                                  "restart_requested": 5.0}
+    assert twice["instances"]["i2"]["restart_generation"] == 2
+    assert twice["instances"]["i1"] is state["instances"]["i1"]
+    # the owner's own updates keep the count (it only ever goes up)
+    after, _ = _apply_ok(twice, {"op": "update_instance", "id": "i2", "node_id": "n2",
+                                 "changes": {"state": "starting", "restart_handled": 2}})
+    assert after["instances"]["i2"]["restart_generation"] == 2
+
+
+def test_restart_instance_refuses_unknown_instance():
+    _apply_refused(_populated(), {"op": "restart_instance", "id": "ghost"}, "instance_not_found")
+
+
 # --- API keys --------------------------------------------------------------------------------
 
 def test_create_api_key_stores_under_its_hash():

@@ -17,7 +17,7 @@ import openai
 import pytest
 from textual.widgets import DataTable, Input, Log, Static
 
-from harness import Cluster, Daemon
+from harness import Cluster, Daemon, pid_alive
 from tinymodels import write_tiny_gguf
 from gpumesh.tui.app import GpumeshConsole
 from gpumesh.tui.table import LiveTable
@@ -220,6 +220,22 @@ def test_instances_log_and_keys_dialogs(node: Daemon) -> None:
             # The log pane follows the instance under the cursor: its engine's own output.
             await until(pilot, lambda: log.line_count > 3, "the engine's log")
             assert not any("no logs API" in line for line in log.lines)
+            # Restart (r, confirmed): the daemon's agent starts a new engine in its place.
+            instance_id = next(iter(rows(app, "instances")))
+            before = dict(app.model.instances[instance_id])
+            await pilot.press("r")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmModal), "the question")
+            await pilot.press("y")
+
+            def restarted() -> bool:
+                now = app.model.instances[instance_id]
+                return (now.get("restart_handled") == 1 and now["state"] == "running"
+                        and now["pid"] != before["pid"])
+            await until(pilot, restarted, "the engine to restart")
+            assert not pid_alive(before["pid"])           # the old engine is gone
+            answer = await asyncio.to_thread(node.request, "POST", "/v1/chat/completions", {
+                "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            assert answer[0] == 200, answer
             await pilot.press("f")
             assert not log.auto_scroll and "(paused)" in str(log.border_title)
             await pilot.press("f", "enter")

@@ -16,14 +16,15 @@ import sys
 from gpumesh import __version__
 
 from ..client import ApiError
-from . import (access, cluster, completion, daemon, doctor, engines, models, tui, usage,
-               version)
+from . import (access, cluster, completion, daemon, doctor, engines, models, restart, tui,
+               usage, version)
 from .output import EXIT_CODES_HELP, CliError, Exit, error_from_api, print_error
 
 __all__ = ["build_parser", "main"]
 
 # The command groups, in the order `gpumesh --help` lists them.
-_GROUPS = (daemon, models, engines, cluster, access, usage, tui, doctor, version, completion)
+_GROUPS = (daemon, models, restart, engines, cluster, access, usage, tui, doctor, version,
+           completion)
 
 
 def main(argv: list[str] | None = None) -> int:

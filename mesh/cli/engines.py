@@ -9,7 +9,7 @@ from typing import Any
 
 from .output import CliError, Exit, add_client_command, client_for, print_result, table
 
-__all__ = ["register"]
+__all__ = ["instances_named", "register"]
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def _devices(traits: dict[str, Any]) -> str:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     client = client_for(args)
-    instances = _instances_named(client, args.target)
+    instances = instances_named(client, args.target)
     if args.follow and len(instances) > 1:
         raise CliError(f"{args.target} has {len(instances)} instances; follow one of them: "
                        + ", ".join(i["id"] for i in instances), Exit.USAGE)
@@ -67,7 +67,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _instances_named(client: Any, target: str) -> list[dict[str, Any]]:
+def instances_named(client: Any, target: str) -> list[dict[str, Any]]:
     """An instance id, or every instance of the model of that name."""
     instances = client.get("/api/instances")["data"]
     exact = [i for i in instances if i["id"] == target]
@@ -78,7 +78,8 @@ def _instances_named(client: Any, target: str) -> list[dict[str, Any]]:
         return of_model
     models = {i["model"] for i in instances}
     raise CliError(f"no instance or model with running instances named {target!r}"
-                   + (f" (models with instances: {', '.join(sorted(models))})" if models else ""))
+                   + (f" (models with instances: {', '.join(sorted(models))})" if models else ""),
+                   Exit.NOT_FOUND, code="not_found")
 
 
 def register(sub: Any) -> None:

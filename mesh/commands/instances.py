@@ -2,6 +2,8 @@
 
 The life of an instance: `scheduled` is written by the leader, the rest by the node agent
 that owns the instance (except that deleting a model removes its instances outright).
+`restart_instance` (any node, for the API) only bumps `restart_generation`; the owner's
+agent does the restarting.
 """
 
 from __future__ import annotations
@@ -68,6 +70,21 @@ def _delete_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
 
 
 
+def _restart_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
+    """Ask the owning node to restart an instance's engine. Any node may submit it: the
+    owner's agent sees `restart_generation` move past the one its supervisor started with
+    and restarts the engine (no node-to-node call, so it works from anywhere and reaches a
+    node that is briefly away as soon as it catches up)."""
+    current = state["instances"].get(cmd["id"])
+    if current is None:
+        raise CommandError("instance_not_found", f"no instance {cmd['id']!r}")
+    generation = int(current.get("restart_generation") or 0) + 1
+    instances = dict(state["instances"])
+    instances[cmd["id"]] = {**current, "restart_generation": generation,
+                            "restart_requested": cmd.get("at")}
+    return {"instances": instances}, {"ok": True, "instance": instances[cmd["id"]]}
+
+
 def _set_rpc_endpoint(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     """A worker node says where its llama.cpp rpc-server for an instance listens ("host:port"),
     or that it stopped (None). Only a node the instance's allocation names as a worker may,
@@ -93,5 +110,6 @@ HANDLERS = {
     "create_instance": _create_instance,
     "update_instance": _update_instance,
     "delete_instance": _delete_instance,
+    "restart_instance": _restart_instance,
     "set_rpc_endpoint": _set_rpc_endpoint,
 }
