@@ -21,6 +21,7 @@ from gpumesh import __version__
 
 from .api_access import json_object
 from .errors import openai_error, write_unavailable
+from .scheduler.architectures import architecture_check
 from .scheduler.demand import is_on_demand
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
@@ -87,6 +88,11 @@ class ManagementApi:
             record = await asyncio.to_thread(build_model_record, spec, nodes)
         except DeploymentError as exc:
             return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
+        view = self._store.view
+        check = architecture_check(record, view.nodes.values(), view.engine_architectures)
+        if check is not None and not check["ok"]:
+            return openai_error(400, check["detail"], param="source",
+                                code="unsupported_architecture")
         result = await self._submit({"op": "create_model", "model": record})
         if isinstance(result, web.Response):
             return result

@@ -35,6 +35,7 @@ from gpumesh.backends.registry import describe_backends, node_backends
 from gpumesh.backends.versions import BackendVersions, backends_dir
 
 from .activation import ACTIVATION, Activation
+from .architectures import ArchitectureReporter
 from .agent import NodeAgent
 from .api import ManagementApi
 from .api_access import AccessApi
@@ -105,6 +106,7 @@ class Daemon:
         self.versions = BackendVersions(backends_dir(data.root))
         self.session: aiohttp.ClientSession | None = None
         self.agent: NodeAgent | None = None
+        self.architectures: ArchitectureReporter | None = None
         self.telemetry = TelemetrySampler()
         self._stop = asyncio.Event()
         self._signals = 0
@@ -218,7 +220,7 @@ class Daemon:
         for index, part in enumerate([
                 self._probe_part, self._telemetry_part, self._store_part, self._membership_part,
                 self._agent_part, self._reconciler_part, self._liveness_part,
-                self._event_log_part, reporter_part(self.store, self.node_id, app[MODEL_CACHE])]):
+                self._event_log_part, self._architectures_part, reporter_part(self.store, self.node_id, app[MODEL_CACHE])]):
             app.cleanup_ctx.insert(index, part)
         return app
 
@@ -313,6 +315,14 @@ class Daemon:
         async with _owned_task(log_state_changes(self.store), "event-log"):
             yield
 
+    async def _architectures_part(self, app: web.Application) -> AsyncIterator[None]:
+        """In the background: which model architectures this node's engines serve."""
+        assert self.store is not None
+        self.architectures = ArchitectureReporter(self.store, self.node_id,
+                                                  lambda: self.backends, self.versions)
+        async with _owned_task(self.architectures.run(), "engine-architectures"):
+            yield
+
     # --- after start-up --------------------------------------------------------------------
 
     async def _advertise(self) -> None:
@@ -339,6 +349,8 @@ class Daemon:
                 "updated": time.time()}})
         except (StateUnavailable, CommandRejected) as exc:
             log.warning("could not record the installed engine versions: %s", exc)
+        if self.architectures is not None:
+            self.architectures.refresh()          # the new version's architectures
 
     def _announce(self) -> None:
         assert self.store is not None and self.identity is not None

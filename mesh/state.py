@@ -96,6 +96,11 @@ class StateView:
         return self._state.get("usage", _EMPTY)
 
     @property
+    def engine_architectures(self) -> dict[str, dict[str, Any]]:
+        """"ENGINE==VERSION" -> the architectures that engine version serves (commands/engines.py)."""
+        return self._state.get("engine_architectures", _EMPTY)
+
+    @property
     def rates(self) -> dict[str, dict[str, Any]]:
         """Each node's last report of its limit counters (commands/usage.py)."""
         return self._state.get("rates", _EMPTY)

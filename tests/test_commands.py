@@ -76,7 +76,8 @@ def _populated() -> dict:
 def test_empty_state_has_every_collection_empty():
     state = empty_state()
     assert set(state) == set(COLLECTIONS) == {"nodes", "models", "instances", "api_keys",
-                                                "join_tokens", "users", "usage", "rates"}
+                                                "join_tokens", "users", "usage", "rates",
+                                                "engine_architectures"}
     assert all(state[name] == {} for name in COLLECTIONS)
 
 

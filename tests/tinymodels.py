@@ -44,16 +44,18 @@ def write_tiny_gguf(
     context_length: int = 256,
     seed: int = 0,
     pooling: str | None = None,
+    architecture: str = "llama",
 ) -> Path:
     """Write a random-weight Llama model in GGUF (all F32) to `path` and return `path`.
 
     `pooling` ("mean", "rank" …) declares the model an embedding model (or a reranker) the
-    way converted embedding GGUFs do, in `llama.pooling_type`."""
+    way converted embedding GGUFs do, in `llama.pooling_type`. `architecture` renames
+    `general.architecture` and its keys' prefix (a model llama.cpp may not know)."""
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), architecture)
     n_vocab = _add_tokenizer(writer)
     _add_hparams(writer, n_layer, n_embd, n_head, n_head_kv, n_ff, context_length)
     if pooling is not None:

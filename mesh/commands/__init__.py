@@ -6,7 +6,7 @@ no clocks, no randomness, no I/O. Timestamps and ids are chosen by whoever *subm
 command and travel inside it.
 
 The state is a dict of collections (`nodes`, `models`, `instances`, `api_keys`,
-`join_tokens`, `users`, `usage`, `rates`), each a dict from id to record (`usage` nests one
+`join_tokens`, `users`, `usage`, `rates`, `engine_architectures`), each a dict from id to record (`usage` nests one
 level: by hour). Records are never mutated in place: a command builds new records and a
 new collection dict, and the caller swaps the top-level reference. Readers on other threads
 therefore always see a consistent, immutable snapshot without taking a lock.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import activity, instances, join_tokens, keys, models, nodes, usage, users
+from . import activity, engines, instances, join_tokens, keys, models, nodes, usage, users
 from .common import CommandError, Handler, Result, State
 from .instances import INSTANCE_STATES
 from .requests import recall, remember
@@ -32,7 +32,7 @@ __all__ = ["COLLECTIONS", "INSTANCE_STATES", "CommandError", "State", "apply_com
            "empty_state"]
 
 COLLECTIONS = ("nodes", "models", "instances", "api_keys", "join_tokens", "users", "usage",
-               "rates")
+               "rates", "engine_architectures")
 
 
 def empty_state() -> State:
@@ -71,4 +71,4 @@ def _apply(state: State, command: dict[str, Any]) -> tuple[State, Result]:
 # One table of every command, assembled from the modules that own each collection.
 HANDLERS: dict[str, Handler] = {**nodes.HANDLERS, **models.HANDLERS, **instances.HANDLERS,
                                 **keys.HANDLERS, **join_tokens.HANDLERS, **users.HANDLERS,
-                                **usage.HANDLERS, **activity.HANDLERS}
+                                **usage.HANDLERS, **activity.HANDLERS, **engines.HANDLERS}

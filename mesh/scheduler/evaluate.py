@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .architectures import architecture_check
 from .capacity import ClusterIndex
 from .demand import is_on_demand, plan_eviction
 from .explain import format_bytes
@@ -26,10 +27,14 @@ __all__ = ["evaluate"]
 
 def evaluate(record: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]],
              instances: Mapping[str, Mapping[str, Any]], scheduler: Scheduler,
-             models: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, Any]:
-    """Plan `record`'s replicas on the cluster as it is now (`models`: the stored ones)."""
+             models: Mapping[str, Mapping[str, Any]], now: float,
+             architectures: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Plan `record`'s replicas on the cluster as it is now (`models`: the stored ones;
+    `architectures`: the state's `engine_architectures`)."""
     index = scheduler.index_of(nodes, instances)
     checks = compatibility(record, index)
+    if (arch := architecture_check(record, nodes.values(), architectures or {})) is not None:
+        checks.append(arch)
     if record["name"] in models:
         checks.insert(0, {"check": "name", "ok": False,
                           "detail": f"a model named {record['name']!r} already exists"})
@@ -60,7 +65,8 @@ def evaluate(record: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]],
 
 def compatibility(record: Mapping[str, Any], index: ClusterIndex) -> list[dict[str, Any]]:
     """What can be known without placing: is the engine on any ready node, and can it use
-    the accelerators there. (Format and backend were checked when the record was built.)"""
+    the accelerators there. (Format and backend were checked when the record was built;
+    the architecture is `architecture_check`'s.)"""
     backend = record["backend"]
     ready = [n for n in index.nodes.values() if n.ready]
     with_engine = [n for n in ready if backend in n.backends]

@@ -49,5 +49,6 @@ class EvaluateApi:
         scheduler = request.app.get(SCHEDULER) or Scheduler()
         # Building an index walks every node: off the loop (the view never changes).
         answer = await asyncio.to_thread(evaluate, record, view.nodes, view.instances,
-                                         scheduler, view.models, time.time())
+                                         scheduler, view.models, time.time(),
+                                         view.engine_architectures)
         return web.json_response(answer)
