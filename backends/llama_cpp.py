@@ -146,6 +146,9 @@ class LlamaCppBackend(Backend):
                                   timeout=_LIST_DEVICES_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendUnavailable(f"{argv[-1]} --list-devices failed: {exc}") from exc
+        if done.returncode != 0:     # e.g. xllamacpp's libgomp.so.1 missing on a minimal OS
+            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+            raise BackendUnavailable(f"the engine cannot start here: {last}")
         backends = _DEVICE_LINE.findall(done.stdout + done.stderr)
         return frozenset(_GGML_BACKEND_VENDOR[b] for b in backends
                          if b in _GGML_BACKEND_VENDOR) & self.gpu_vendors

@@ -320,6 +320,9 @@ def _engines(config: Config) -> Iterator[Check]:
             yield Check(f"engine:{b['name']}", "ok",
                         f"{b['name']} {version}".rstrip() + (f" ({devices})" if devices else ""),
                         details=details)
+        elif b["name"] == "llama.cpp":          # the engine that ships with gpumesh
+            yield Check(f"engine:{b['name']}", "fail", f"the built-in engine cannot run: "
+                        f"{b['problem']}", _engine_fix(str(b["problem"])), details)
         else:
             yield Check(f"engine:{b['name']}", "info", f"{b['name']}: not available here",
                         str(b["problem"]), details)
@@ -327,6 +330,14 @@ def _engines(config: Config) -> Iterator[Check]:
         yield Check("engines", "fail", "no engine can run a model on this machine",
                     "reinstall gpumesh (its llama.cpp engine comes with it: `pip install "
                     "--force-reinstall gpumesh`)")
+
+
+def _engine_fix(problem: str) -> str:
+    if "libgomp" in problem:
+        return ("install the OpenMP runtime llama.cpp is built with: `apt-get install libgomp1` "
+                "(Debian, Ubuntu), `dnf install libgomp` (Fedora, RHEL)")
+    return "reinstall gpumesh (`pip install --force-reinstall gpumesh`); the log line above " \
+           "says what the engine lacked"
 
 
 def _containers(config: Config) -> Iterator[Check]:

@@ -17,7 +17,7 @@ cp "$wheel" "$work/dist/"
 
 if [ ! -x "$rootfs/usr/bin/python3" ]; then
   debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,iproute2,procps \
+    --include=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,iproute2,procps,libgomp1 \
     bookworm "$rootfs" http://deb.debian.org/debian
 fi
 
