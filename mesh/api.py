@@ -24,6 +24,7 @@ from .errors import openai_error, write_unavailable
 from .scheduler.architectures import architecture_check
 from .scheduler.demand import is_on_demand
 from .deployments import DeploymentError, build_model_record, validate_replicas
+from .sources.routes import MODEL_CACHE
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
@@ -85,7 +86,8 @@ class ManagementApi:
             return spec
         try:
             nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
-            record = await asyncio.to_thread(build_model_record, spec, nodes)
+            record = await asyncio.to_thread(build_model_record, spec, nodes,
+                                             request.app.get(MODEL_CACHE))
         except DeploymentError as exc:
             return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
         view = self._store.view

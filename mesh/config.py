@@ -79,6 +79,14 @@ class Config:
     # Labels the scheduler's node selectors match ("zone=eu,tier=fast"; --label repeatable).
     labels: dict[str, str] | str | list[str] | None = field(
         default=None, metadata={"flag": "--label", "env": "GPUMESH_LABELS"})
+    # Labels of single GPUs for GPU selectors ("0:pool=batch,1:pool=fast"; --gpu-label
+    # repeatable), as {index: {key: value}} in the node record.
+    gpu_labels: dict[str, dict[str, str]] | str | list[str] | None = field(
+        default=None, metadata={"flag": "--gpu-label", "env": "GPUMESH_GPU_LABELS"})
+    # How long the first request to a model scaled to zero waits for an instance to start.
+    wake_timeout_s: float = field(default=120.0,
+                                  metadata={"flag": "--wake-timeout",
+                                            "env": "GPUMESH_WAKE_TIMEOUT"})
     # Memory the scheduler leaves to the OS and the daemon on every node.
     reserved_memory_mib: int = field(default=1024,
                                      metadata={"flag": "--reserved-memory-mib",
@@ -161,6 +169,8 @@ class Config:
                 raise ConfigError("--join needs --token (run `gpumesh join-token` on a member)")
             self.join = _join_address(str(self.join))
         self.labels = _labels(self.labels)
+        self.gpu_labels = _gpu_labels(self.gpu_labels)
+        self.wake_timeout_s = _seconds(self.wake_timeout_s, "wake_timeout_s")
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
         self.engine_health_interval_s = _seconds(self.engine_health_interval_s,
                                                  "engine_health_interval_s")
@@ -281,6 +291,35 @@ def _labels(value: object) -> dict[str, str]:
                               f"{key} already")
         labels[key] = label.strip()
     return labels
+
+
+# Keys a GPU selector matches already (scheduler/capacity.py: GpuSlot.attributes).
+_GPU_ATTRIBUTES = ("vendor", "name", "uuid", "index")
+
+
+def _gpu_labels(value: object) -> dict[str, dict[str, str]]:
+    """"0:pool=batch,1:pool=fast" (env), ["0:pool=batch", …] (flags) or a dict ->
+    {"0": {"pool": "batch"}, …}. Whether the node has those GPUs is checked once the probe
+    has listed them (daemon start-up)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(index): _labels(labels) for index, labels in value.items()}
+    items = value.split(",") if isinstance(value, str) else \
+        [p for item in value for p in str(item).split(",")]  # type: ignore[union-attr]
+    found: dict[str, dict[str, str]] = {}
+    for item in (i.strip() for i in items if i.strip()):
+        index, sep, pair = item.partition(":")
+        key, has_value, label = pair.partition("=")
+        if not sep or not index.strip().isdigit() or not has_value \
+                or not _LABEL_KEY.match(key.strip()):
+            raise ConfigError(f"--gpu-label takes INDEX:KEY=VALUE, e.g. 0:pool=batch "
+                              f"(KEY: letters, digits, . _ / -), got {item!r}")
+        if key.strip() in _GPU_ATTRIBUTES:
+            raise ConfigError(f"--gpu-label {index.strip()}:{key.strip()}=… is taken: GPU "
+                              f"selectors match the GPU's {key.strip()} already")
+        found.setdefault(str(int(index)), {})[key.strip()] = label.strip()
+    return found
 
 
 def _int(value: object, name: str, minimum: int) -> int:

@@ -214,6 +214,7 @@ class Daemon:
                        max_body_bytes=self.config.max_body_mib << 20)
         app[TELEMETRY] = self.telemetry             # routes read it; started by its part
         app[SCHEDULER] = Scheduler(reserved_memory_bytes=self.config.reserved_memory_mib << 20)
+        app[ACTIVATION].wake_timeout_s = self.config.wake_timeout_s
         app[MODEL_CACHE] = self.data.root / "models"
         # The daemon's parts come before the one http_app registered (the gateway's meter
         # and stream watchdog): that one starts once the store runs and stops before it.
@@ -232,6 +233,7 @@ class Daemon:
         probe = await asyncio.to_thread(open_probe, self.config.gpu_probe, self.config.gpus)
         try:
             inventory = await asyncio.to_thread(probe.inventory)
+            _check_gpu_labels(self.config.gpu_labels, [g.index for g in inventory.gpus])
             self.versions.gpu_vendors = frozenset(g.vendor for g in inventory.gpus)
             self.backends = await asyncio.to_thread(describe_backends, self.versions)
         except BaseException:
@@ -431,6 +433,15 @@ def _latest_gpus(app: web.Application) -> list[dict[str, Any]]:
     sampler = app.get(TELEMETRY)
     sample = sampler.latest() if sampler is not None else None
     return list(sample.get("gpus") or []) if sample else []
+
+
+def _check_gpu_labels(labels: dict[str, dict[str, str]], offered: list[int]) -> None:
+    """--gpu-label may name only GPUs this node offers: a typo must not label nothing."""
+    unknown = sorted(set(labels) - {str(i) for i in offered}, key=int)
+    if unknown:
+        have = (f"GPUs {', '.join(map(str, offered))}" if offered else "no GPU")
+        raise ProbeUnavailable(f"--gpu-label names GPU {', '.join(unknown)}, but this node "
+                               f"offers {have}")
 
 
 @contextlib.asynccontextmanager

@@ -29,7 +29,7 @@ from gpumesh.backends.versions import parse_backend_spec
 
 from gpumesh import modelfiles
 from .scheduler.spec import SpecError, scheduling_fields
-from .sources import SourceError, parse_source, remote_facts
+from .sources import ModelCache, SourceError, parse_source, remote_facts
 
 __all__ = ["DeploymentError", "MAX_NAME_LENGTH", "MAX_REPLICAS", "build_model_record",
            "default_name", "validate_name", "validate_replicas"]
@@ -51,11 +51,14 @@ class DeploymentError(ValueError):
 
 
 def build_model_record(spec: dict[str, Any],
-                       node_backends: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                       node_backends: list[dict[str, Any]] | None = None,
+                       cache_dir: Path | None = None) -> dict[str, Any]:
     """Blocking. Validate a deploy request and return the model record to replicate.
 
     `node_backends`: each node record's `backends`, which the default engine depends on
-    (registry.default_backend_for: vLLM where it runs, transformers on CPU-only nodes)."""
+    (registry.default_backend_for: vLLM where it runs, transformers on CPU-only nodes).
+    `cache_dir`: this node's model cache; a hub model whose hub cannot be asked (offline,
+    unreachable) is read from there if it is complete, and the record's `notes` say so."""
     explicit_name = spec.get("name")
     if explicit_name is not None:
         validate_name(explicit_name)
@@ -69,11 +72,12 @@ def build_model_record(spec: dict[str, Any],
     name = explicit_name if explicit_name is not None else default_name(source)
     if context_length is not None and source["kind"] == "local":
         _check_context(source["path"], context_length)
-    facts = _facts(source)
+    facts, cached, notes = _facts(source, cache_dir)
     model_format = facts.format
-    kind = _kind(spec.get("kind"), source)
+    kind = _kind(spec.get("kind"), source, cached)
     backend, version = _backend(spec.get("backend"), model_format, kind, node_backends)
-    estimate = _estimate(source, facts, context_length, backend.name)
+    estimate = _estimate(source, facts, context_length, backend.name,
+                         basis="cache" if cached is not None else None)
     image = _image(spec.get("image"), backend)
     _refuse_reserved_flags(args, backend)
     try:
@@ -94,42 +98,62 @@ def build_model_record(spec: dict[str, Any],
         "estimate": estimate,
         "created": time.time(),
         "schedule_error": None,
+        **({"notes": notes} if notes else {}),
         **scheduling,            # placement, min_replicas, idle_timeout_s
     }
 
 
-def _facts(source: dict[str, Any]) -> modelfiles.ModelFacts:
+def _facts(source: dict[str, Any], cache_dir: Path | None
+           ) -> tuple[modelfiles.ModelFacts, Path | None, list[str]]:
     """What the model is, from its headers (local files, or byte ranges of a remote repo's),
-    or, when a remote repo's headers cannot be read, from its files' sizes alone."""
+    or, when a remote repo's headers cannot be read, from its files' sizes alone; with the
+    cached copy it came from (if so) and notes for the user."""
     try:
         if source["kind"] == "local":
-            return modelfiles.model_facts(source["path"])
-        return remote_facts(source)
+            return modelfiles.model_facts(source["path"]), None, []
+        return remote_facts(source), None, []
     except modelfiles.ModelFileError as exc:
         raise DeploymentError(str(exc), "source") from None
     except SourceError as exc:
-        raise DeploymentError(str(exc), "source") from None
+        cached = _cached_copy(source, cache_dir)
+        if cached is None:
+            raise DeploymentError(str(exc), "source") from None
+        note = (f"read from this node's cache ({cached}): the hub could not be asked "
+                f"({exc})")
+    try:
+        return modelfiles.model_facts(str(cached)), cached, [note]
+    except modelfiles.ModelFileError as exc:
+        raise DeploymentError(f"{note}, and the cached files are not a model: {exc}",
+                              "source") from None
+
+
+def _cached_copy(source: dict[str, Any], cache_dir: Path | None) -> Path | None:
+    """The complete copy of a hub model in this node's cache, if there is one."""
+    if cache_dir is None:
+        return None
+    cache = ModelCache(cache_dir)
+    return cache.cached_entry(cache.folder(source), source)
 
 
 def _estimate(source: dict[str, Any], facts: modelfiles.ModelFacts, context_length: int | None,
-              engine: str) -> dict[str, Any]:
+              engine: str, basis: str | None = None) -> dict[str, Any]:
     if facts.n_layer == 0:           # sizes only: the headers were not readable
         return modelfiles.estimate_from_size(facts.weights_bytes, facts.format, context_length,
                                              engine).to_dict()
-    basis = "files" if source["kind"] == "local" else "headers"
+    basis = basis or ("files" if source["kind"] == "local" else "headers")
     return modelfiles.estimate_for(facts, context_length, engine, basis).to_dict()
 
 
-def _kind(requested: Any, source: dict[str, Any]) -> str:
+def _kind(requested: Any, source: dict[str, Any], cached: Path | None = None) -> str:
     if requested is not None:
         if requested not in modelfiles.KINDS:
             raise DeploymentError(f"kind must be one of {', '.join(modelfiles.KINDS)}, "
                                   f"got {requested!r}", "kind")
         return str(requested)
-    if source["kind"] != "local":
+    if source["kind"] != "local" and cached is None:
         return "llm"        # not downloaded yet: `kind` says otherwise where it matters
     try:
-        return modelfiles.detect_kind(source["path"])
+        return modelfiles.detect_kind(str(cached) if cached is not None else source["path"])
     except modelfiles.ModelFileError as exc:
         raise DeploymentError(str(exc), "source") from None
 

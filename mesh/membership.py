@@ -235,7 +235,7 @@ class NodePresence:
     async def register(self, status: str, timeout: float = 5.0) -> None:
         inventory = await asyncio.to_thread(self._probe.inventory)
         node = {"id": self._node_id, "name": self._config.node_name, "status": status,
-                "labels": self._config.labels,
+                "labels": self._config.labels, "gpu_labels": self._config.gpu_labels,
                 "api_url": self._config.api_url, "raft_address": self._config.raft_address,
                 "version": __version__, "inventory": inventory.to_dict(),
                 "backends": node_backends(self._backends),

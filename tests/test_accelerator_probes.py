@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon
+from tinymodels import write_tiny_gguf
 
 from gpumesh.accelerators import VENDORS, VISIBLE_DEVICES_ENV, visible_devices_env
 from gpumesh.mesh.config import Config, ConfigError
@@ -319,6 +320,43 @@ def test_daemon_refuses_a_gpu_it_does_not_have(tmp_path: Path) -> None:
     assert done.returncode == 1, done
     assert "--gpus 0 was given, but no GPU probe found a device" in done.stderr
     assert json.dumps(done.stderr).count("Traceback") == 0
+
+
+def test_gpu_labels_reach_the_node_record_and_steer_gpu_selectors(tmp_path: Path) -> None:
+    fake_tool(tmp_path / "bin", "cnmon", FAKE_OUTPUTS[CambriconProbe])
+    daemon = Daemon(tmp_path / "node", "--gpu-probe", "cambricon",
+                    "--gpu-label", "0:pool=fast", "--gpu-label", "1:pool=batch")
+    os.environ["PATH"], saved = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", \
+        os.environ["PATH"]
+    try:
+        daemon.start(timeout=60)
+    finally:
+        os.environ["PATH"] = saved
+    try:
+        node = daemon.api("/api/nodes")[1]["data"][0]
+        assert node["gpu_labels"] == {"0": {"pool": "fast"}, "1": {"pool": "batch"}}
+        body = {"source": str(write_tiny_gguf(tmp_path / "tiny.gguf")), "name": "labelled",
+                "backend": "custom", "args": ["my-server", "--port={port}"],
+                "placement": {"device": "gpu", "gpu_selector": {"pool": "batch"}}}
+        code, answer = daemon.request("POST", "/api/models/evaluate", body)
+        assert code == 200 and answer["fits"], answer
+        assert answer["replicas"][0]["allocation"]["gpu_indices"] == [1]
+        body["placement"]["gpu_selector"] = {"pool": "nowhere"}
+        code, answer = daemon.request("POST", "/api/models/evaluate", body)
+        assert code == 200 and not answer["fits"], answer
+        assert "no ready GPU that custom can use matches the selectors" in answer["summary"]
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_label_for_a_gpu_the_node_lacks_stops_start_up(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gpumesh", "up", "--data-dir", str(tmp_path / "d"),
+         "--gpu-probe", "cpu", "--gpu-label", "0:pool=batch"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1, done
+    assert "--gpu-label names GPU 0, but this node offers no GPU" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- telemetry feeds the heartbeat: the scheduler sees what other programs hold -------------

@@ -279,3 +279,25 @@ def test_labels_come_from_flags_or_the_environment_and_refuse_bad_keys(monkeypat
     for bad in (["zone"], ["=x"], ["name=x"], ["a b=c"]):
         with pytest.raises(ConfigError, match="--label"):
             Config.from_sources({"labels": bad})
+
+
+def test_gpu_labels_by_index_from_flags_or_the_environment(monkeypatch):
+    from gpumesh.mesh.config import Config, ConfigError
+    config = Config.from_sources({"gpu_labels": ["0:pool=batch", "1:pool=fast,1:tier=a"]})
+    assert config.gpu_labels == {"0": {"pool": "batch"}, "1": {"pool": "fast", "tier": "a"}}
+    monkeypatch.setenv("GPUMESH_GPU_LABELS", "03:pool=x")
+    assert Config.from_sources({}).gpu_labels == {"3": {"pool": "x"}}
+    for bad, words in ((["pool=x"], "INDEX:KEY=VALUE"), (["a:pool=x"], "INDEX:KEY=VALUE"),
+                       (["0:pool"], "INDEX:KEY=VALUE"), (["0:name=x"], "match the GPU's name")):
+        with pytest.raises(ConfigError, match=words):
+            Config.from_sources({"gpu_labels": bad})
+
+
+def test_wake_timeout_is_seconds_with_a_default(monkeypatch):
+    from gpumesh.mesh.config import Config, ConfigError
+    assert Config.from_sources({}).wake_timeout_s == 120.0
+    assert Config.from_sources({"wake_timeout_s": 7.5}).wake_timeout_s == 7.5
+    monkeypatch.setenv("GPUMESH_WAKE_TIMEOUT", "30")
+    assert Config.from_sources({}).wake_timeout_s == 30.0
+    with pytest.raises(ConfigError, match="--wake-timeout must be more than 0"):
+        Config.from_sources({"wake_timeout_s": 0})

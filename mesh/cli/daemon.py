@@ -44,6 +44,14 @@ def register(sub: Any) -> None:
                     "env GPUMESH_GPUS)")
     up.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
                     help="a label for node selectors (repeatable), e.g. --label zone=eu-west")
+    up.add_argument("--gpu-label", dest="gpu_labels", action="append",
+                    metavar="INDEX:KEY=VALUE",
+                    help="a label of one GPU for GPU selectors (repeatable), e.g. "
+                         "--gpu-label 0:pool=batch (env GPUMESH_GPU_LABELS=0:pool=batch,…)")
+    up.add_argument("--wake-timeout", dest="wake_timeout_s", type=float, metavar="SECONDS",
+                    help="how long the first request to a model scaled to zero waits for an "
+                         "instance to start before it gets a 503 (default 120; env "
+                         "GPUMESH_WAKE_TIMEOUT)")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
     up.add_argument("--engine-health-interval", dest="engine_health_interval_s", type=float,

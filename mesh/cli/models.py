@@ -44,6 +44,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         return placement.dry_run(args, client, spec)
     model = client.post("/api/models", spec)
+    if not args.json:
+        for note in model.get("notes") or ():      # e.g. read from the node's cache, offline
+            print(f"note: {note}", file=sys.stderr, flush=True)
     if not args.wait:
         print_result(args, model, lambda m: f"deployed {m['name']} ({m['backend']}, "
                                       f"{m['replicas']} replica(s)); status: {m['status']}")

@@ -35,6 +35,8 @@ def evaluate(record: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]],
     checks = compatibility(record, index)
     if (arch := architecture_check(record, nodes.values(), architectures or {})) is not None:
         checks.append(arch)
+    checks += [{"check": "source", "ok": True, "detail": note}
+               for note in record.get("notes") or ()]
     if record["name"] in models:
         checks.insert(0, {"check": "name", "ok": False,
                           "detail": f"a model named {record['name']!r} already exists"})

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..deployments import DeploymentError, build_model_record
 from ..errors import openai_error
+from ..sources.routes import MODEL_CACHE
 from ..state import ClusterStore
 from .evaluate import evaluate
 from .placement import Scheduler
@@ -42,7 +43,8 @@ class EvaluateApi:
         try:
             # The same default engine as a deploy would get (it depends on the nodes).
             nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
-            record = await asyncio.to_thread(build_model_record, spec, nodes)
+            record = await asyncio.to_thread(build_model_record, spec, nodes,
+                                             request.app.get(MODEL_CACHE))
         except DeploymentError as exc:
             return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
         view = self._store.view
