@@ -164,7 +164,8 @@ def model_summary(view: StateView, name: str) -> dict[str, Any]:
 
 def _model_status(model: dict[str, Any], states: Counter) -> str:
     if model["replicas"] == 0:
-        return "stopped"
+        # Scaled to 0: stopped once its instances are gone, not while they still run.
+        return "stopping" if states else "stopped"
     if states.get("running", 0) >= model["replicas"]:
         return "running"
     if model.get("schedule_error"):

@@ -110,15 +110,30 @@ class Daemon:
         self.telemetry = TelemetrySampler()
         self._stop = asyncio.Event()
         self._signals = 0
+        self._api_socket: socket.socket | None = None
 
     # --- top level -------------------------------------------------------------------------
 
     async def serve(self) -> int:
-        for flag, host, port in (("--api-port", self.config.host, self.config.api_port),
-                                 ("--raft-port", self.config.raft_host, self.config.raft_port)):
-            if problem := _port_problem(host, port):
-                log.error("cannot listen on %s:%d (%s): %s", host, port, flag, problem)
-                return 1
+        # The API port is bound now and held until the site listens on it: joining and
+        # starting Raft take seconds, and a port only checked could be taken meanwhile (then
+        # a joiner would be a member that never serves).
+        try:
+            self._api_socket = _bind(self.config.host, self.config.api_port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d (--api-port): %s", self.config.host,
+                      self.config.api_port, exc.strerror or exc)
+            return 1
+        try:
+            return await self._serve()
+        finally:
+            self._api_socket.close()
+
+    async def _serve(self) -> int:
+        if problem := _port_problem(self.config.raft_host, self.config.raft_port):
+            log.error("cannot listen on %s:%d (--raft-port): %s", self.config.raft_host,
+                      self.config.raft_port, problem)
+            return 1
         # One connection pool for engine calls and health probes: keep-alive, no pool limit
         # (engines bound their own concurrency), no total timeout (generations are long).
         # It outlives every part that uses it, so serve() owns it.
@@ -201,7 +216,8 @@ class Daemon:
 
     async def _setup_and_bind(self, runner: web.AppRunner) -> None:
         await runner.setup()                        # enters every cleanup_ctx part, in order
-        await web.TCPSite(runner, self.config.host, self.config.api_port).start()
+        assert self._api_socket is not None
+        await web.SockSite(runner, self._api_socket).start()
 
     def build_app(self) -> web.Application:
         assert self.session is not None and self.store is not None and self.identity
@@ -459,6 +475,20 @@ async def _owned_task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterat
 def _log_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening (connections are refused until the
+    site listens, not queued)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _port_problem(host: str, port: int) -> str | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,9 +23,34 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server the test starts later.
+
+    Chosen below the kernel's ephemeral range where there is room: a port from bind(0) is
+    drawn from the range every outgoing connection on the machine also draws from, so
+    between this call and the server's bind some client's connection could take it (seen:
+    a daemon that could not start). Below the range only another listener can."""
+    if _EPHEMERAL_LOW > 12000:
+        for _ in range(100):
+            port = random.randrange(10000, _EPHEMERAL_LOW)
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -96,19 +123,47 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-daemon.log"
         self.key: str | None = None      # the cluster's admin key, for nodes that joined
+        self._launched_at = 0            # where this launch's output starts in the log
+        self._started_once = False
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.api_port}"
 
+    # A first start that finds a port taken picks fresh ones and starts again (free_port
+    # can only say a port was free a moment ago). Only the first: after that the ports are
+    # the node's identity in its cluster (a restart, a wiped node rejoining in its place).
+    fresh_ports_on_conflict = True
+
     def start(self, timeout: float = 30.0) -> None:
-        self.launch()
-        self.wait_healthy(timeout)
+        first = not self._started_once and not self.data_dir.exists()
+        for attempt in range(3):
+            self.launch()
+            try:
+                self.wait_healthy(timeout)
+                return
+            except RuntimeError:
+                if not (first and self.fresh_ports_on_conflict and attempt < 2
+                        and self._port_was_taken()):
+                    raise
+            # Nothing of this node reached a cluster: its ports are checked (the API port
+            # held) before it joins or founds anything.
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.api_port, self.raft_port = free_port(), free_port()
+
+    def _port_was_taken(self) -> bool:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._launched_at)
+                return b"cannot listen on" in log.read()
+        except OSError:
+            return False
 
     def launch(self) -> None:
         """Start the process and return at once (a cluster's nodes start together)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self._launched_at = log.tell()
         self.process = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "gpumesh", "up", "--data-dir", str(self.data_dir),
              "--api-port", str(self.api_port), "--raft-port", str(self.raft_port),
@@ -127,6 +182,7 @@ class Daemon:
                 raise RuntimeError(f"gpumesh up exited with {self.process.returncode}:\n"
                                    f"{self.output()}")
             if self._healthy():
+                self._started_once = True
                 return
             time.sleep(0.1)
         raise TimeoutError(f"gpumesh up not healthy after {timeout} s:\n{self.output()}")

@@ -97,6 +97,8 @@ class Topology:
 class NetnsDaemon(Daemon):
     """A daemon inside node namespace `index`, on that namespace's address, default ports."""
 
+    fresh_ports_on_conflict = False      # each namespace's ports are its own
+
     def __init__(self, topology: Topology, index: int, data_dir: Path, *extra: str) -> None:
         super().__init__(data_dir, "--host", topology.address(index), "--node-name",
                          f"ns{index}", *extra)

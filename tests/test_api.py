@@ -463,11 +463,14 @@ def test_model_status_values(api, node, gguf) -> None:
     assert body["status"] == "error"
     assert body["instances"][0]["reason"] == "engine exited with status 1"
 
-    # Enough running replicas wins over a stale schedule_error; scaling to 0 wins over all.
+    # Enough running replicas wins over a stale schedule_error; scaling to 0 wins over all,
+    # but a model is "stopping", not "stopped", while any of its instances is left.
     node.submit({"op": "update_model", "name": "st-running",
                  "changes": {"schedule_error": "stale"}})
     assert status("st-running") == "running"
     node.submit({"op": "update_model", "name": "st-error", "changes": {"replicas": 0}})
+    assert status("st-error") == "stopping"
+    node.submit({"op": "delete_instance", "id": "st-error-1"})
     assert status("st-error") == "stopped"
 
     listed = {m["name"]: m["status"] for m in api("GET", "/api/models").body["data"]}
