@@ -125,9 +125,10 @@ class ClusterApi:
         result = await self._submit({"op": "drain_node", "id": node["id"], "draining": not undo})
         if isinstance(result, web.Response):
             return result
+        # The instances stay until their replacements run elsewhere (commands/nodes.py).
         return web.json_response({"node": node["id"], "name": node["name"],
                                   "state": "ready" if undo else "draining",
-                                  "instances_moved": result["instances_removed"]})
+                                  "instances_moving": result["instances_leaving"]})
 
     async def remove_node(self, request: web.Request) -> web.Response:
         node = self._find_node(request.match_info["name"])

@@ -26,6 +26,10 @@ __all__ = ["ReplicaReconciler", "decide"]
 log = logging.getLogger("gpumesh.scheduler")
 
 _RESYNC_S = 2.0
+# A drained node's instance goes only once its replacements have run this long: every
+# gateway must have applied "running" before the old one disappears, or a node lagging by
+# a moment would still route to the old one only, and fail (seen under load).
+HANDOVER_S = 3.0
 
 
 def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
@@ -38,7 +42,11 @@ def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
     (clearing) why the model cannot be placed.
     """
     name = model["name"]
-    ids = index.instances_by_model.get(name, ())
+    # Instances on a draining node are leaving: each is replaced elsewhere first and goes
+    # once enough replicas run without it (commands/nodes.py), so a drain leaves no gap.
+    leaving = sorted(i for i in index.instances_by_model.get(name, ())
+                     if _on_draining_node(index, i))
+    ids = [i for i in index.instances_by_model.get(name, ()) if i not in leaving]
     wanted = wanted_replicas(model, now)
     if len(ids) < wanted:
         # One node without evicting, then one node by evicting idle instances, and only then
@@ -64,7 +72,22 @@ def decide(scheduler: Scheduler, model: Mapping[str, Any], index: ClusterIndex,
         victim = min((index.instances[i] for i in ids),
                      key=lambda i: (i.get("state") == "running", -i.get("created", 0.0), i["id"]))
         return [{"op": "delete_instance", "id": victim["id"]}]
+    if leaving and sum(_serving_for(index.instances[i], now) >= HANDOVER_S
+                       for i in ids) >= wanted:
+        return [{"op": "delete_instance", "id": leaving[0], "if_running_elsewhere": wanted}]
     return _set_error(model, None)
+
+
+def _serving_for(instance: Mapping[str, Any], now: float) -> float:
+    """Seconds it has been running (by its last update), 0 if it is not running."""
+    if instance.get("state") != "running":
+        return 0.0
+    return now - float(instance.get("updated") or 0.0)
+
+
+def _on_draining_node(index: ClusterIndex, instance_id: str) -> bool:
+    node = index.nodes.get(index.instances[instance_id]["node_id"])
+    return node is not None and node.status == "draining"
 
 
 def _create(scheduler: Scheduler, model: Mapping[str, Any], placement: Placement,

@@ -222,22 +222,59 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
 
 # --- draining ----------------------------------------------------------------------------------
 
-def test_drain_moves_instances_away_and_places_nothing_there(cluster: Cluster) -> None:
+def test_drain_moves_a_one_replica_model_under_load_without_a_failed_request(
+        cluster: Cluster) -> None:
     front = cluster.nodes[0]
+    scaled = front.cli("scale", "tiny", "1", "--wait", "--timeout", "90")
+    assert scaled.returncode == 0, scaled.stderr
+    cluster.wait(lambda: len(running_on(front)) == 1 and len(front.api("/api/models/tiny")[1]
+                                                            ["instances"]) == 1, "one replica")
     holder_id = running_on(front)[0]
     holder = next(n for n in cluster.nodes if node_id(n) == holder_id)
+    front = next(n for n in cluster.nodes if n is not holder)   # load through another node
     name = holder.data_dir.name
-    result = front.cli("node", "drain", name)
-    assert result.returncode == 0, result.stderr
-    assert f"node {name} is draining: 1 instance(s) moved" in result.stdout
-    cluster.wait(lambda: len(running_on(front)) == 2 and holder_id not in running_on(front),
-                 "tiny back to 2 replicas, none on the drained node", 60)
+
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(400):                       # bounded in count …
+            if stop.is_set():
+                return
+            results.append(chat(front))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1.0)
+        before = len(results)
+        # The replacement starts elsewhere first; the drained instance stops once it runs.
+        drained = front.cli("node", "drain", name, "--wait", "--timeout", "90")
+        assert drained.returncode == 0, drained.stderr + holder.output()[-2000:]
+        assert f"node {name} is draining: 1 instance(s) moving" in drained.stdout
+        assert f"node {name} is drained" in drained.stdout
+        time.sleep(1.0)                            # … and in time
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+    failures = [r for r in results if r != (200, "hello there")]
+    print(f"\n{len(results)} requests, {len(results) - before} during and after the drain")
+    assert len(results) - before >= 10 and failures == [], (len(results), failures[:5])
+
+    placed = running_on(front)
+    assert len(placed) == 1 and placed != [holder_id]
     code, nodes = front.api("/api/nodes")
     assert next(n for n in nodes["data"] if n["id"] == holder_id)["state"] == "draining"
+    cluster.wait(lambda: children_of(holder.process.pid) == [],   # type: ignore[union-attr]
+                 "the drained node's engine stopped", 30)
     undo = front.cli("node", "drain", "--undo", name)
     assert undo.returncode == 0 and "is ready again" in undo.stdout, undo.stderr
     code, nodes = front.api("/api/nodes")
     assert next(n for n in nodes["data"] if n["id"] == holder_id)["state"] == "ready"
+    back = front.cli("scale", "tiny", "2", "--wait", "--timeout", "90")
+    assert back.returncode == 0, back.stderr
 
 
 # --- without quorum ------------------------------------------------------------------------------

@@ -164,10 +164,12 @@ def test_a_ready_node_keeps_its_instances() -> None:
     assert result["code"] == "bad_command"
 
 
-def test_drain_moves_instances_and_survives_the_nodes_own_restart() -> None:
+def test_drain_keeps_instances_until_replaced_and_survives_the_nodes_own_restart() -> None:
     state, result = apply_command(state_with_node(), {"op": "drain_node", "id": "n1",
                                                       "draining": True})
-    assert result["instances_removed"] == ["i1", "i2"]
+    # Nothing is dropped: they serve until their replacements run (the reconciler's part).
+    assert result["instances_leaving"] == ["i1", "i2"]
+    assert sorted(state["instances"]) == ["i1", "i2"]
     state, _ = apply_command(state, {"op": "upsert_node", "node": {"id": "n1",
                                                                    "status": "ready"}})
     assert state["nodes"]["n1"]["draining"] is True             # the admin's decision stays
@@ -197,3 +199,33 @@ def test_join_tokens_expire_by_the_submitters_clock() -> None:
     _, again = apply_command(state, {"op": "create_join_token", "token": {
         "id": "b", "created": 201.0, "expires": 300.0}})
     assert again["code"] == "token_exists"
+
+
+def test_a_drain_allows_replacements_past_the_replica_count_and_deletes_only_replaced() -> None:
+    state = state_with_node()
+    state, _ = apply_command(state, {"op": "upsert_node", "node": {
+        "id": "n2", "name": "other", "status": "ready"}})
+    # Two replicas on n1: a third is refused while n1 is in service ...
+    third = {"op": "create_instance", "instance": {"id": "i3", "model": "m", "node_id": "n2",
+                                                   "state": "scheduled"}}
+    assert apply_command(state, third)[1]["code"] == "replicas_reached"
+    # ... and allowed once n1 drains: its instances are leaving, not counted.
+    state, _ = apply_command(state, {"op": "drain_node", "id": "n1", "draining": True})
+    state, result = apply_command(state, third)
+    assert result["ok"]
+    state, result = apply_command(state, {**third, "instance": {**third["instance"],
+                                                                "id": "i4"}})
+    assert result["ok"]
+    fifth = {**third, "instance": {**third["instance"], "id": "i5"}}
+    assert apply_command(state, fifth)[1]["code"] == "replicas_reached"   # one surge only
+
+    # A leaving instance goes only once enough replicas run elsewhere, judged on the state
+    # at apply time (not on what the leader saw).
+    retire = {"op": "delete_instance", "id": "i1", "if_running_elsewhere": 2}
+    _, refused = apply_command(state, retire)
+    assert refused["code"] == "not_replaced" and "(0 do)" in refused["error"]
+    for instance_id in ("i3", "i4"):
+        state, _ = apply_command(state, {"op": "update_instance", "id": instance_id,
+                                         "changes": {"state": "running"}})
+    state, result = apply_command(state, retire)
+    assert result["ok"] and "i1" not in state["instances"]

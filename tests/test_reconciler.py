@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 
 from gpumesh.mesh.commands import apply_command, empty_state
-from gpumesh.mesh.reconciler import decide
+from gpumesh.mesh.reconciler import HANDOVER_S, decide
 from gpumesh.mesh.scheduler import Scheduler
 from gpumesh.mesh.scheduler.demand import is_active, wanted_replicas
 
@@ -195,3 +195,55 @@ def test_record_activity_keeps_the_latest_time_and_wake_clears_an_old_error():
     assert c.state["models"]["m"]["schedule_error"] == "old reason"
     c.apply({"op": "record_activity", "models": {"m": NOW}, "wake": True})
     assert c.state["models"]["m"]["schedule_error"] is None   # this attempt gets its own answer
+
+
+def test_a_drained_node_s_instance_goes_only_once_its_replacement_runs():
+    c = Cluster(node("a", ram=32 * GiB), node("b", ram=32 * GiB))
+    c.deploy("m", 2 * GiB, replicas=1)
+    c.settle("m")
+    c.run("m")
+    (old,) = c.instances_of("m")
+    c.apply({"op": "drain_node", "id": old["node_id"], "draining": True})
+    # A replacement elsewhere first, beside the old one (which serves meanwhile) ...
+    created = c.step("m")
+    assert [cmd["op"] for cmd in created] == ["create_instance"]
+    assert created[0]["instance"]["node_id"] != old["node_id"]
+    assert len(c.instances_of("m")) == 2
+    # ... and nothing more while it is starting ...
+    assert c.step("m") == []
+    # ... then, once it has run for a moment (every gateway has seen it), the old one goes.
+    new_id = created[0]["instance"]["id"]
+    c.apply({"op": "update_instance", "id": new_id,
+             "changes": {"state": "running", "updated": NOW}})
+    assert c.step("m", NOW + 1.0) == []
+    assert c.step("m", NOW + HANDOVER_S) == [
+        {"op": "delete_instance", "id": old["id"], "if_running_elsewhere": 1}]
+    assert [i["node_id"] for i in c.instances_of("m")] == [created[0]["instance"]["node_id"]]
+    assert c.step("m") == []
+
+
+def test_a_drain_with_nowhere_to_go_keeps_the_instance_and_says_why():
+    c = Cluster(node("a", ram=32 * GiB), node("b", ram=1 * GiB))
+    c.deploy("m", 2 * GiB, replicas=1)
+    c.settle("m")
+    c.run("m")
+    (old,) = c.instances_of("m")
+    c.apply({"op": "drain_node", "id": "a", "draining": True})
+    c.settle("m")
+    assert c.instances_of("m") == [old]                         # no gap: it stays
+    assert "draining" in c.state["models"]["m"]["schedule_error"]
+    # Undoing the drain makes it a replica again, and the error goes.
+    c.apply({"op": "drain_node", "id": "a", "draining": False})
+    c.settle("m")
+    assert c.instances_of("m") == [old] and c.state["models"]["m"]["schedule_error"] is None
+
+
+def test_scaling_to_zero_during_a_drain_removes_the_leaving_instance():
+    c = Cluster(node("a", ram=32 * GiB), node("b", ram=32 * GiB))
+    c.deploy("m", 2 * GiB, replicas=1)
+    c.settle("m")
+    c.run("m")
+    c.apply({"op": "drain_node", "id": c.instances_of("m")[0]["node_id"], "draining": True})
+    c.apply({"op": "update_model", "name": "m", "changes": {"replicas": 0}})
+    c.settle("m")
+    assert c.instances_of("m") == []

@@ -4,11 +4,13 @@ engines.py)."""
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from urllib.parse import quote
 
-from .output import Exit, add_client_command, client_for, gib, print_result, status_cell, table
+from ..client import model_path
+from .output import CliError, Exit, add_client_command, client_for, gib, print_result, status_cell, table
 
 __all__ = ["register"]
 
@@ -63,14 +65,42 @@ def cmd_join_token(args: argparse.Namespace) -> int:
 
 
 def cmd_node_drain(args: argparse.Namespace) -> int:
-    reply = client_for(args).post(f"/api/nodes/{quote(args.name, safe='')}/drain",
-                                  {"undo": args.undo})
-    print_result(args, reply, lambda r: (
-        f"node {r['name']} is ready again" if args.undo else
-        f"node {r['name']} is draining: {len(r['instances_moved'])} instance(s) moved to "
-        f"other nodes; nothing new is placed there (`gpumesh node drain --undo {r['name']}` "
-        f"ends it)"))
+    client = client_for(args)
+    reply = client.post(f"/api/nodes/{quote(args.name, safe='')}/drain", {"undo": args.undo})
+    started = (f"node {reply['name']} is ready again" if args.undo else
+               f"node {reply['name']} is draining: {len(reply['instances_moving'])} "
+               f"instance(s) moving to other nodes, each stopped once its replacement runs "
+               f"there; nothing new is placed there (`gpumesh node drain --undo "
+               f"{reply['name']}` ends it)")
+    if not (args.wait and not args.undo and reply["instances_moving"]):
+        print_result(args, reply, lambda r: started)
+        return Exit.OK
+    if not args.json:
+        print(started, flush=True)
+    _wait_drained(client, reply, args.timeout)
+    print_result(args, {**reply, "drained": True},
+                 lambda r: f"node {r['name']} is drained: no instance left on it")
     return Exit.OK
+
+
+def _wait_drained(client: Any, reply: dict[str, Any], timeout: float) -> None:
+    """Until no instance is left on the node; CliError naming what holds it up if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [i for i in client.get("/api/instances")["data"]
+                if i["node_id"] == reply["node"]]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            models = sorted({i["model"] for i in left})
+            reasons = [f"{m}: {e}" for m in models
+                       if (e := client.get(model_path(m)).get("schedule_error"))]
+            raise CliError(
+                f"node {reply['name']} still holds {len(left)} instance(s) after "
+                f"{timeout:g} s ({', '.join(models)}); they stay until a replacement runs "
+                f"elsewhere" + (f" — {'; '.join(reasons)}" if reasons else ""),
+                Exit.TIMED_OUT, data={"instances": left}, code="timed_out")
+        time.sleep(0.5)
 
 
 def cmd_node_rm(args: argparse.Namespace) -> int:
@@ -97,6 +127,10 @@ def register(sub: Any) -> None:
                                "move a node's instances away and place nothing new there")
     drain.add_argument("name", help="the node's name or id")
     drain.add_argument("--undo", action="store_true", help="end the drain: the node is ready")
+    drain.add_argument("--wait", action="store_true",
+                       help="return once no instance is left on the node")
+    drain.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long --wait waits (default 600)")
     rm = add_client_command(node_sub, "rm", cmd_node_rm,
                             "take a node out of the cluster (its instances move elsewhere)")
     rm.add_argument("name", help="the node's name or id")

@@ -12,6 +12,7 @@ from typing import Any
 
 from .capacity import check_fits
 from .common import CommandError, Result, State, refuse_identity_changes
+from .nodes import leaving
 
 INSTANCE_STATES = ("scheduled", "downloading", "installing", "starting", "running", "error")
 
@@ -31,8 +32,11 @@ def _create_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
         raise CommandError("node_unavailable", f"node {instance['node_id']!r} is "
                            f"{'draining' if node.get('draining') else node['status']}")
     # Invariants, so two leaders (or two passes) deciding from the same view cannot both win.
+    # Instances on a draining node are leaving and do not count: their replacements are
+    # the one surge a drain allows (nodes.py).
     model = state["models"][instance["model"]]
-    count = sum(1 for i in state["instances"].values() if i["model"] == instance["model"])
+    count = sum(1 for i in state["instances"].values()
+                if i["model"] == instance["model"] and not leaving(state, i))
     if count >= model["replicas"]:
         raise CommandError("replicas_reached", f"model {instance['model']!r} already has "
                            f"{count} of {model['replicas']} instance(s)")
@@ -63,8 +67,19 @@ def _update_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
 
 
 def _delete_instance(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
-    if cmd["id"] not in state["instances"]:
+    current = state["instances"].get(cmd["id"])
+    if current is None:
         raise CommandError("instance_not_found", f"no instance {cmd['id']!r}")
+    if "if_running_elsewhere" in cmd:
+        # A drained node's instance goes only once its replacements run: decided on this
+        # state, not on the view the leader had (a replacement may have failed since).
+        running = sum(1 for i in state["instances"].values()
+                      if i["model"] == current["model"] and i["state"] == "running"
+                      and not leaving(state, i))
+        if running < int(cmd["if_running_elsewhere"]):
+            raise CommandError("not_replaced", f"instance {cmd['id']!r} stays until "
+                               f"{cmd['if_running_elsewhere']} replica(s) of "
+                               f"{current['model']!r} run elsewhere ({running} do)")
     instances = {k: v for k, v in state["instances"].items() if k != cmd["id"]}
     return {"instances": instances}, {"ok": True}
 

@@ -4,9 +4,15 @@ leader and the admin decide about them.
 A record's `status` is its liveness: `ready` or `stopped` (written by the node itself) and
 `unreachable` (written by the leader, which alone sees every node's acks). `draining` is the
 admin's decision and outlives restarts. When the leader marks a node unreachable (or finds
-a stopped one still holding instances) and when a node is drained, its instances leave it
-in the same command (`evict`), so the reconciler places them elsewhere at once and no
-reader ever sees a node that is gone still holding instances.
+a stopped one still holding instances) its instances leave it in the same command
+(`evict`), so the reconciler places them elsewhere at once and no reader ever sees a node
+that is gone still holding instances.
+
+A drained node is still there, so its instances are not dropped: they keep serving while
+the reconciler starts a replacement for each on another node (instances on a draining node
+do not count towards a model's replicas: `leaving`), and each is deleted only once enough
+replicas run elsewhere (`delete_instance` with `if_running_elsewhere`). A model with one
+replica never has a gap, and one with nowhere else to go stays where it is.
 """
 
 from __future__ import annotations
@@ -73,11 +79,15 @@ def _drain_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     current = _node(state, cmd["id"])
     nodes = dict(state["nodes"])
     nodes[cmd["id"]] = {**current, "draining": bool(cmd["draining"])}
-    changes: dict[str, Any] = {"nodes": nodes}
-    moved: list[str] = []
-    if cmd["draining"]:
-        changes["instances"], moved = _without_instances_on(state, cmd["id"])
-    return changes, {"ok": True, "instances_removed": moved}
+    on_node = sorted(k for k, v in state["instances"].items() if v["node_id"] == cmd["id"])
+    return {"nodes": nodes}, {"ok": True, "instances_leaving": on_node if cmd["draining"]
+                              else []}
+
+
+def leaving(state: State, instance: dict[str, Any]) -> bool:
+    """On a draining node: serving until replaced elsewhere, not counted as a replica."""
+    node = state["nodes"].get(instance["node_id"])
+    return bool(node and node.get("draining"))
 
 
 def _remove_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
