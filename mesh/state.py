@@ -175,7 +175,16 @@ class ClusterStore:
         journal or member list is damaged, or the port cannot be bound."""
         self._loop = asyncio.get_running_loop()
         # SyncObj's constructor reads the journal and binds: blocking, so off the loop.
-        await asyncio.to_thread(self._node.open)
+        opening = asyncio.ensure_future(asyncio.to_thread(self._node.open))
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Cancelled (a Ctrl-C during start-up) while the worker thread opens: it goes on
+            # and starts the tick thread, which is not a daemon thread and would keep the
+            # process alive after everything else stopped. Close what it opened.
+            await asyncio.gather(opening, return_exceptions=True)
+            await asyncio.to_thread(self._node.close)
+            raise
         self._started = True
 
     async def stop(self) -> None:
