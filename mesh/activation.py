@@ -1,10 +1,15 @@
 """On-demand models, the node's side: remember requests, wake a model scaled to zero.
 
 The gateway calls `before_forward(model)` once per request, before it looks for a running
-instance (one call site). That call
+instance, and `started(model)` / `finished(model)` around each call to an engine. Together
 
-* notes the time in memory — idleness costs no Raft write per request: `run()` sends one
-  `record_activity` per flush interval with every model this node served since the last one;
+* they note times in memory — idleness costs no Raft write per request: `run()` sends one
+  `record_activity` per flush interval with every model this node served since the last one.
+  The time is a request's *end* once it ends, so a model's idleness counts from the end of
+  its last request, not from the start of a long stream;
+* while a model has requests in flight here, each flush also marks it busy for this node
+  (`busy`, refreshed every flush, cleared by the first flush after the last one ends): the
+  leader never stops or evicts a busy model's instances, however long the stream;
 * for an on-demand model with no running instance, writes `record_activity` with `wake` at
   once (one write, shared by every request that arrives meanwhile), then waits until an
   instance runs, the leader says why it cannot place one (`schedule_error`), or
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -39,13 +45,18 @@ WAKE_TIMEOUT_S = 120.0
 
 
 class Activation:
-    def __init__(self, store: ClusterStore, *, wake_timeout_s: float = WAKE_TIMEOUT_S,
+    def __init__(self, store: ClusterStore, node_id: str = "", *,
+                 wake_timeout_s: float = WAKE_TIMEOUT_S,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._node_id = node_id
         self.wake_timeout_s = wake_timeout_s
         self._clock = clock
         self._seen: dict[str, float] = {}        # model -> last request served here
         self._told: dict[str, float] = {}        # model -> last time sent to the cluster
+        self._in_flight: Counter[str] = Counter()   # model -> engine calls under way here
+        self._busy_told: frozenset[str] = frozenset()   # busy as the cluster last heard it
+        self._nudge = asyncio.Event()            # flush now: a model just became busy
         self._waking: dict[str, asyncio.Task[None]] = {}
 
     # --- the gateway's call ----------------------------------------------------------------
@@ -65,6 +76,23 @@ class Activation:
         # shield: a client that gives up does not cancel the wait others share
         await asyncio.shield(task)
         return True
+
+    def started(self, model_name: str) -> None:
+        """A request to one of the model's engines begins (the gateway's forward). An
+        on-demand model the cluster does not know busy yet is marked at once, not at the
+        next flush: its idle timeout may be shorter than the flush interval."""
+        self._in_flight[model_name] += 1
+        if model_name not in self._busy_told:
+            model = self._store.view.models.get(model_name)
+            if model is not None and is_on_demand(model):
+                self._nudge.set()
+
+    def finished(self, model_name: str) -> None:
+        """It ended (answered, failed or cut): idleness counts from now."""
+        self._seen[model_name] = self._clock()
+        self._in_flight[model_name] -= 1
+        if self._in_flight[model_name] <= 0:
+            del self._in_flight[model_name]
 
     async def _wake(self, model_name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -92,21 +120,36 @@ class Activation:
     async def run(self) -> None:
         """Send what this node served, at most once per flush interval, until cancelled."""
         while True:
-            await asyncio.sleep(self._flush_interval())
-            pending = {m: t for m, t in self._seen.items() if t > self._told.get(m, 0.0)}
-            if not pending:
-                continue
             try:
-                await self._store.submit({"op": "record_activity", "models": pending})
-            except (StateUnavailable, CommandRejected) as exc:
-                log.debug("activity not recorded now (next round): %s", exc)
-                continue
-            self._told.update(pending)
+                await asyncio.wait_for(self._nudge.wait(), self._flush_interval())
+            except asyncio.TimeoutError:
+                pass
+            self._nudge.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """One `record_activity`, if there is anything to say: requests served since the
+        last one, models busy now (refreshing their mark), or busy marks to clear."""
+        pending = {m: t for m, t in self._seen.items() if t > self._told.get(m, 0.0)}
+        models = self._store.view.models
+        busy = frozenset(m for m in self._in_flight     # only on-demand models can stop
+                         if m in models and is_on_demand(models[m]))
+        if not pending and not busy and busy == self._busy_told:
+            return
+        try:
+            await self._store.submit({"op": "record_activity", "models": pending,
+                                      "node_id": self._node_id, "busy": sorted(busy),
+                                      "at": self._clock()})
+        except (StateUnavailable, CommandRejected) as exc:
+            log.debug("activity not recorded now (next round): %s", exc)
+            return
+        self._told.update(pending)
+        self._busy_told = busy
 
     def _flush_interval(self) -> float:
         timeouts = [float(m.get("idle_timeout_s") or DEFAULT_IDLE_TIMEOUT_S)
                     for name, m in self._store.view.models.items()
-                    if name in self._seen and is_on_demand(m)]
+                    if (name in self._seen or name in self._in_flight) and is_on_demand(m)]
         return max(_MIN_FLUSH_INTERVAL_S, min([FLUSH_INTERVAL_S, *(t / 4 for t in timeouts)]))
 
     async def part(self, app: web.Application) -> AsyncIterator[None]:

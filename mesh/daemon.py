@@ -437,7 +437,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
             limiter=limiter, meter=Meter(store, node_id, limiter),
             metrics=GatewayMetrics(node_id, lambda: _latest_gpus(app)),
             settings=settings or GatewaySettings()).add_routes(app)
-    app[ACTIVATION] = Activation(store)         # on-demand models: the gateway's one hook
+    app[ACTIVATION] = Activation(store, node_id)   # on-demand models: the gateway's hooks
     app.cleanup_ctx.append(app[ACTIVATION].part)
     EvaluateApi(store).add_routes(app)          # POST /api/models/evaluate (dry runs)
     SourcesApi(store, node_id).add_routes(app)  # /api/downloads, /api/cache

@@ -12,7 +12,7 @@ import itertools
 from gpumesh.mesh.commands import apply_command, empty_state
 from gpumesh.mesh.reconciler import HANDOVER_S, decide
 from gpumesh.mesh.scheduler import Scheduler
-from gpumesh.mesh.scheduler.demand import is_active, wanted_replicas
+from gpumesh.mesh.scheduler.demand import BUSY_LEASE_S, is_active, is_busy, wanted_replicas
 
 from test_scheduler import GiB, node
 
@@ -247,3 +247,61 @@ def test_scaling_to_zero_during_a_drain_removes_the_leaving_instance():
     c.apply({"op": "update_model", "name": "m", "changes": {"replicas": 0}})
     c.settle("m")
     assert c.instances_of("m") == []
+
+
+# --- requests in flight: busy marks ---------------------------------------------------------
+
+def test_a_busy_model_is_kept_past_its_idle_timeout_and_stops_after_its_last_request():
+    c = Cluster(node("a", ram=32 * GiB))
+    c.deploy("lazy", GiB, min_replicas=0, idle_timeout_s=60.0)
+    c.apply({"op": "record_activity", "models": {"lazy": NOW}})
+    c.settle("lazy", now=NOW + 1)
+    assert len(c.instances_of("lazy")) == 1
+    # a stream began at NOW; its node marks the model busy at every flush while it runs
+    for t in (NOW + 5, NOW + 60, NOW + 115):
+        c.apply({"op": "record_activity", "models": {}, "node_id": "a", "busy": ["lazy"],
+                 "at": t})
+        c.settle("lazy", now=t + 4)
+        assert len(c.instances_of("lazy")) == 1, t
+    # it ends at NOW + 118: the end is its last request, and the mark goes
+    c.apply({"op": "record_activity", "models": {"lazy": NOW + 118}, "node_id": "a",
+             "busy": [], "at": NOW + 120})
+    assert "a" not in c.state["models"]["lazy"]["busy"]
+    c.settle("lazy", now=NOW + 177)                  # 59 s after the end: still wanted
+    assert len(c.instances_of("lazy")) == 1
+    c.settle("lazy", now=NOW + 179)
+    assert c.instances_of("lazy") == []
+
+
+def test_a_busy_mark_from_a_node_gone_quiet_expires():
+    model = {"replicas": 1, "min_replicas": 0, "idle_timeout_s": 10.0, "last_request": NOW,
+             "busy": {"gone": NOW}}
+    assert is_busy(model, NOW + BUSY_LEASE_S - 1) and is_active(model, NOW + 30)
+    assert not is_busy(model, NOW + BUSY_LEASE_S + 1)
+    assert wanted_replicas(model, NOW + BUSY_LEASE_S + 1) == 0
+
+
+def test_busy_marks_are_per_node_and_each_node_clears_only_its_own():
+    c = Cluster(node("a", ram=32 * GiB))
+    c.deploy("m", GiB, min_replicas=0)
+    c.deploy("n", GiB, min_replicas=0)
+    c.apply({"op": "record_activity", "models": {}, "node_id": "a", "busy": ["m", "n"],
+             "at": NOW})
+    c.apply({"op": "record_activity", "models": {}, "node_id": "b", "busy": ["m"], "at": NOW})
+    assert c.state["models"]["m"]["busy"] == {"a": NOW, "b": NOW}
+    result = c.apply({"op": "record_activity", "models": {}, "node_id": "a", "busy": ["n"],
+                      "at": NOW + 1})
+    assert result["updated"] == ["m", "n"]
+    assert c.state["models"]["m"]["busy"] == {"b": NOW}
+    assert c.state["models"]["n"]["busy"] == {"a": NOW + 1}
+
+
+def test_a_busy_idle_instance_is_not_evicted():
+    c = Cluster(node("a", ram=10 * GiB))
+    _on_demand(c, "streaming", 6 * GiB, last_request=NOW - 600)    # began long ago …
+    c.apply({"op": "record_activity", "models": {}, "node_id": "a", "busy": ["streaming"],
+             "at": NOW - 2})                                        # … and still runs
+    c.deploy("new", 5 * GiB, min_replicas=0, idle_timeout_s=3600.0, last_request=NOW)
+    commands = c.step("new")
+    assert [cmd["op"] for cmd in commands] == ["update_model"]      # no room, no eviction
+    assert len(c.instances_of("streaming")) == 1

@@ -239,6 +239,8 @@ class Gateway:
             # The engine answers `Connection: close`: this connection never enters the pool.
             headers["Connection"] = "close"
         exchange.instance, exchange.served_by = target.instance_id, target.node_id
+        activation = request.app[ACTIVATION]
+        activation.started(target.model)        # an on-demand model is busy until it ends
         self._outstanding[target.instance_id] += 1
         if target.local:
             self._metrics.in_flight[(target.model, target.instance_id)] += 1
@@ -259,6 +261,7 @@ class Gateway:
                 exchange.upstream = None
                 upstream.release()      # back to the pool if read to the end, else closed
         finally:
+            activation.finished(target.model)
             self._watchdog.forget(exchange)
             self._outstanding[target.instance_id] -= 1
             if self._outstanding[target.instance_id] <= 0:

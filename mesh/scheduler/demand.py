@@ -2,9 +2,12 @@
 
 A model normally wants `replicas` instances. An on-demand model (`min_replicas` below
 `replicas`, e.g. `--min-replicas 0`) wants `replicas` only while it is *active* — a request
-came within `idle_timeout_s` — and `min_replicas` otherwise. Activity reaches the state as
-`last_request` (gateways batch it: one write per node per flush interval, not one per
-request; a request that finds no running instance writes at once to wake the model).
+is in flight, or the last one ended within `idle_timeout_s` — and `min_replicas` otherwise.
+Activity reaches the state as `last_request` (the end of the last request a gateway saw end;
+gateways batch it: one write per node per flush interval, not one per request; a request
+that finds no running instance writes at once to wake the model) and as `busy` marks, one
+per node with requests in flight, refreshed every flush while they last. A mark older than
+`BUSY_LEASE_S` is from a node that went away mid-request and no longer counts.
 
 When a model cannot be placed for lack of memory, instances of other on-demand models that
 are idle (no request for `evict_idle_s`) may be evicted, least recently used first. An
@@ -19,13 +22,17 @@ from typing import Any, Callable, Mapping
 from .capacity import ClusterIndex
 from .placement import Placement, Unschedulable
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "EVICT_IDLE_S", "Eviction", "is_active", "is_on_demand",
-           "last_activity", "plan_eviction", "wanted_replicas"]
+__all__ = ["BUSY_LEASE_S", "DEFAULT_IDLE_TIMEOUT_S", "EVICT_IDLE_S", "Eviction", "is_active",
+           "is_busy", "is_on_demand", "last_activity", "plan_eviction", "wanted_replicas"]
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 # An on-demand model's instance with no request for this long may be evicted for another
 # model (the idle timeout proper stops it anyway; eviction only comes sooner when needed).
 EVICT_IDLE_S = 10.0
+# A busy mark counts this long after its node last refreshed it (every flush, ≤ 5 s): long
+# enough for writes delayed by an election, short enough that a node lost mid-stream does
+# not keep its models up for long.
+BUSY_LEASE_S = 60.0
 
 
 def is_on_demand(model: Mapping[str, Any]) -> bool:
@@ -38,7 +45,14 @@ def last_activity(model: Mapping[str, Any]) -> float:
     return float(model.get("last_request") or 0.0)
 
 
+def is_busy(model: Mapping[str, Any], now: float) -> bool:
+    """Some node has requests in flight for the model (a fresh busy mark)."""
+    return any(now - float(at) < BUSY_LEASE_S for at in (model.get("busy") or {}).values())
+
+
 def is_active(model: Mapping[str, Any], now: float) -> bool:
+    if is_busy(model, now):
+        return True               # never stopped under a request, however long it runs
     last = model.get("last_request")
     if last is None:
         return False
@@ -113,4 +127,6 @@ def _evictable(instance: Mapping[str, Any], models: Mapping[str, Mapping[str, An
         return False
     if instance.get("state") not in ("running", "error"):
         return False               # starting for someone who is waiting: leave it
+    if is_busy(owner, now):
+        return False               # serving requests now
     return now - last_activity(owner) >= evict_idle_s

@@ -1,0 +1,120 @@
+"""Scale to zero counts idleness from the end of the last request, and never stops an
+instance while requests are in flight.
+
+A real single-node Raft store, the daemon's own HTTP app (gateway and activation hook) and
+the leader's reconciler; the engine is a stand-in OpenAI server that streams slowly, one
+event every `gap` seconds, so a stream lasts longer than the model's idle timeout (a tiny
+llama.cpp model answers too fast to outlast any timeout). The instance record is the one
+the reconciler stops when the model goes idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway_fixtures import bootstrap
+from inprocess import InProcessNode, instance_record
+from tinymodels import write_tiny_gguf
+
+from gpumesh.mesh.deployments import build_model_record
+from gpumesh.mesh.reconciler import ReplicaReconciler
+from gpumesh.mesh.scheduler import Scheduler
+
+NODE = "n1"
+IDLE_S = 1.0
+EVENTS, GAP_S = 8, 0.5           # a 4 s stream: four idle timeouts long
+
+
+def slow_engine() -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(int(body.get("events", EVENTS))):
+            await asyncio.sleep(float(body.get("gap", GAP_S)))
+            chunk = {"id": "chatcmpl-slow", "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": f"{n} "},
+                                  "finish_reason": None}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[tuple[InProcessNode, str]]:
+    node = InProcessNode(tmp_path / "node", (NODE,))
+    node.start()
+    tasks: list[asyncio.Task] = []
+    try:
+        key = bootstrap(node)
+        port = node.serve(slow_engine())
+        record = build_model_record({"name": "lazy", "source": str(write_tiny_gguf(
+            tmp_path / "tiny.gguf")), "min_replicas": 0, "idle_timeout_s": IDLE_S})
+        node.submit({"op": "create_model", "model": record})
+        node.submit({"op": "record_activity", "models": {"lazy": time.time()}})
+        node.submit({"op": "create_instance",
+                     "instance": instance_record("lazy-1", "lazy", "running", NODE, port=port)})
+
+        async def start() -> None:
+            reconciler = ReplicaReconciler(node.store, Scheduler(reserved_memory_bytes=0))
+            tasks.append(asyncio.create_task(reconciler.run()))
+        node.call(start())
+        yield node, key
+    finally:
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        node.call(stop())
+        node.stop()
+
+
+def test_a_stream_longer_than_the_idle_timeout_keeps_its_instance(node) -> None:
+    node, key = node
+    seen: list[dict[str, Any]] = []
+
+    async def stream() -> float:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(node.url + "/v1/chat/completions", json={
+                    "model": "lazy", "stream": True,
+                    "messages": [{"role": "user", "content": "take your time"}]},
+                    headers={"Authorization": f"Bearer {key}"}) as reply:
+                assert reply.status == 200, await reply.text()
+                async for line in reply.content:
+                    if line.startswith(b"data: {"):
+                        seen.append({"instances": set(node.store.view.instances),
+                                     "busy": dict(node.store.view.models["lazy"]
+                                                  .get("busy") or {})})
+        return time.time()
+
+    started = time.time()
+    ended = node.call(stream(), timeout=60)
+    assert ended - started >= EVENTS * GAP_S > 3 * IDLE_S
+    assert len(seen) == EVENTS
+    # Through the whole stream (four idle timeouts) the instance stayed, and the model was
+    # marked busy by this node.
+    assert all(s["instances"] == {"lazy-1"} for s in seen), seen
+    assert any(NODE in s["busy"] for s in seen), seen
+    # Idleness counts from the stream's end: the model's last request is its end ...
+    deadline = time.monotonic() + 30
+    while (node.store.view.models["lazy"].get("last_request") or 0) < ended - 0.5:
+        assert time.monotonic() < deadline, node.store.view.models["lazy"]
+        time.sleep(0.05)
+    assert NODE not in (node.store.view.models["lazy"].get("busy") or {})
+    # ... and then, idle, the instance is stopped.
+    while "lazy-1" in node.store.view.instances:
+        assert time.monotonic() < deadline, node.store.view.models["lazy"]
+        time.sleep(0.05)
