@@ -64,6 +64,10 @@ class LaunchRequest:
     image: str | None = None               # run in this container image instead of a process
     mmproj_path: str | None = None         # a VLM's multimodal projector file (GGUF)
     rpc_servers: tuple[str, ...] = ()      # llama.cpp: host:port of remote rpc-servers
+    # llama.cpp RPC: the scheduler's layer split, bytes of weights + KV cache per device in
+    # llama.cpp's device order: each rpc-server's devices (rpc_servers order), then this
+    # node's GPUs, or last this node's CPU when the head runs on it. (): llama.cpp decides.
+    rpc_layer_split: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ Two engines speak the same flags and the same HTTP API:
 One argv builder serves both: the runner accepts llama-server's flags. By model kind:
 embedding models get `--embeddings`, rerankers `--reranking`, VLMs their projector
 (`--mmproj`). Spreading one model over nodes uses llama.cpp's RPC: `rpc_server_launch`
-starts an `rpc-server` on a helper node, and the main instance names them with `--rpc`.
+starts an `rpc-server` (`ggml-rpc-server` in newer releases) on each worker node, and the
+head names them with `--rpc`, with the scheduler's layer split as `--tensor-split` (and,
+when the head runs on the CPU, `-ngl` leaving its share of the layers on it). Both need a
+build with GGML_RPC (bench/build_llama_rpc.sh); the xllamacpp wheel has no RPC client.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ _VERSION_TIMEOUT_S = 10
 _DEVICE_LINE = re.compile(r"^\s+([A-Za-z]+)\d*:\s", re.MULTILINE)
 _GGML_BACKEND_VENDOR = {"CUDA": "nvidia", "ROCm": "amd", "HIP": "amd"}
 _LIST_DEVICES_TIMEOUT_S = 60   # the first CUDA initialisation can take tens of seconds
+_RPC_SERVER_NAMES = ("rpc-server", "ggml-rpc-server")   # renamed in 2026
 
 
 class LlamaCppBackend(Backend):
@@ -94,6 +98,10 @@ class LlamaCppBackend(Backend):
         env = visible_devices_env(request, self.gpu_vendors, "llama.cpp")
         if request.api_key:
             env["LLAMA_API_KEY"] = request.api_key   # llama-server and the runner read it
+        if request.rpc_servers:
+            # llama.cpp aborts when an rpc-server goes away (it cannot reconnect); without
+            # this it first attaches gdb for a backtrace, which slows the restart for nothing.
+            env["GGML_NO_BACKTRACE"] = "1"
         mounts = tuple(p for p in (str(model_file), request.mmproj_path) if p) if request.image else ()
         return LaunchSpec(argv=tuple(prefix + _server_args(request, model_file)), env=env,
                           image=request.image, mounts=mounts)
@@ -111,20 +119,57 @@ class LlamaCppBackend(Backend):
         _xllamacpp_version()   # raises BackendUnavailable when it is missing too
         return [sys.executable, "-m", RUNNER_MODULE]
 
+    def rpc_server_binary(self) -> str | None:
+        """llama.cpp's RPC server: GPUMESH_LLAMA_RPC_SERVER (must exist), else one beside
+        the configured llama-server (one build makes both), else on PATH."""
+        configured = os.environ.get(RPC_SERVER_ENV)
+        if configured:
+            found = shutil.which(configured)
+            if found is None:
+                raise BackendUnavailable(f"{RPC_SERVER_ENV}={configured} is not an executable "
+                                         "rpc-server; fix the path, or unset it")
+            return found
+        server = os.environ.get(LLAMA_SERVER_ENV)
+        beside = [str(Path(server).parent / name) for name in _RPC_SERVER_NAMES] if server else []
+        for candidate in beside + list(_RPC_SERVER_NAMES):
+            found = shutil.which(candidate)
+            if found is not None:
+                return found
+        return None
+
     def rpc_server_launch(self, host: str, port: int, gpu_vendor: str | None = None,
                           gpu_indices: tuple[int, ...] = ()) -> LaunchSpec:
         """An `rpc-server` that lends this node's devices to a llama-server elsewhere.
 
-        It has no authentication of its own: bind it to the cluster's network only.
+        It has no authentication of its own: anyone who reaches its port can run tensors on
+        this node and read what it holds. `host` must be the cluster's interface, never a
+        wildcard (refused here).
         """
-        binary = os.environ.get(RPC_SERVER_ENV) or shutil.which("rpc-server")
+        if host in ("0.0.0.0", "::", ""):
+            raise ValueError("an rpc-server has no authentication: bind it to the cluster's "
+                             "address, not all interfaces")
+        binary = self.rpc_server_binary()
         if binary is None:
             raise BackendUnavailable(f"llama.cpp RPC needs an rpc-server binary (on PATH or in "
                                      f"{RPC_SERVER_ENV}), built with GGML_RPC=ON")
         probe = LaunchRequest(model_path="", served_name="", port=port, host=host,
                               gpu_vendor=gpu_vendor, gpu_indices=gpu_indices)
-        return LaunchSpec(argv=(binary, "--host", host, "--port", str(port)),
+        # rpc-server computes on one CPU thread unless told (llama-server takes them all).
+        return LaunchSpec(argv=(binary, "--host", host, "--port", str(port),
+                                "--threads", str(_usable_cpus())),
                           env=visible_devices_env(probe, self.gpu_vendors, "llama.cpp"))
+
+    def rpc_roles(self) -> dict[str, bool]:
+        """What this node can do for a model spread over nodes, for the node record: `client`
+        (a llama-server built with RPC: it can be the head) and `server` (an rpc-server: it
+        can lend its devices). Blocking (runs the binary once)."""
+        try:
+            binary = self.server_binary()
+            rpc_server = self.rpc_server_binary()
+        except BackendUnavailable:
+            return {"client": False, "server": False}
+        return {"client": binary is not None and _supports_rpc(binary),
+                "server": rpc_server is not None}
 
     def install_packages(self, version: str | None, gpu_vendors: frozenset[str]) -> InstallRecipe:
         return InstallRecipe(packages=(f"xllamacpp=={version}" if version else "xllamacpp",),
@@ -159,6 +204,8 @@ class LlamaCppBackend(Backend):
             summary["engine"] = self.server_binary() or f"{RUNNER_MODULE} (xllamacpp)"
         except BackendUnavailable:
             summary["engine"] = None
+        summary["rpc"] = self.rpc_roles() if summary.get("available") else \
+            {"client": False, "server": False}
         return summary
 
 
@@ -184,8 +231,61 @@ def _server_args(request: LaunchRequest, model_file: Path) -> list[str]:
     if request.mmproj_path:
         args += ["--mmproj", request.mmproj_path]
     if request.rpc_servers:
-        args += ["--rpc", ",".join(request.rpc_servers)]
+        args = _rpc_split(args + ["--rpc", ",".join(request.rpc_servers)], request, model_file)
     return args + list(request.extra_args)   # last, so a deployment's own flags win
+
+
+def _rpc_split(args: list[str], request: LaunchRequest, model_file: Path) -> list[str]:
+    """The scheduler's layer split as llama.cpp's flags.
+
+    llama.cpp puts the remote devices first, then local GPUs, and splits the offloaded
+    layers between them by `--tensor-split`. The CPU is not one of those devices: layers it
+    keeps are the first `n_layer + 1 - ngl` (the output layer counts as one more, always
+    offloaded), so a head on the CPU keeps its share by offloading fewer layers.
+    """
+    shares = list(request.rpc_layer_split)
+    if not shares:
+        return args
+    if request.gpu_vendor is None:
+        layers = _layer_count(model_file)
+        head_share, shares = shares[-1], shares[:-1]
+        kept = min(layers, round(layers * head_share / max(1, head_share + sum(shares))))
+        args[args.index("-ngl") + 1] = str(layers + 1 - kept)
+    total = sum(shares) or 1
+    return args + ["--tensor-split", ",".join(f"{share / total:.4f}" for share in shares)]
+
+
+def _layer_count(model_file: Path) -> int:
+    meta = read_gguf_metadata(model_file)
+    count = meta.get(f"{meta.get('general.architecture')}.block_count")
+    if not isinstance(count, int) or count <= 0:
+        raise ValueError(f"{model_file.name} has no layer count ({meta.get('general.architecture')}"
+                         ".block_count): cannot split it over nodes")
+    return count
+
+
+_NO_RPC_SERVER = "127.0.0.1:1"     # nothing listens on port 1
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _supports_rpc(binary: str) -> bool:
+    """Whether a llama-server binary has llama.cpp's RPC client (GGML_RPC=ON): such a build
+    tries to reach the server named by `--rpc` and aborts with "Failed to connect to
+    127.0.0.1:1"; other builds say "RPC not supported" (or do not know the flag)."""
+    try:
+        done = subprocess.run([binary, "--rpc", _NO_RPC_SERVER, "--list-devices"],
+                              capture_output=True, text=True, timeout=_VERSION_TIMEOUT_S,
+                              check=False, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    output = done.stdout + done.stderr
+    return _NO_RPC_SERVER in output and "not supported" not in output
 
 
 def _context_length(request: LaunchRequest, model_file: Path) -> int:

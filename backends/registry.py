@@ -89,11 +89,13 @@ def _describe(backend: Backend, versions: BackendVersions | None) -> dict[str, o
 
 def node_backends(described: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     """What a node record keeps of `describe_backends()`: per available engine, what the
-    scheduler places by (`runs_on_cpu`, `gpu_vendors`), the default `version`, the installed
-    `versions` and whether more can be `installable` on demand."""
+    scheduler places by (`runs_on_cpu`, `gpu_vendors`, and for llama.cpp its `rpc` roles),
+    the default `version`, the installed `versions` and whether more can be `installable`
+    on demand."""
     return {b["name"]: {"version": b["version"], "runs_on_cpu": b["runs_on_cpu"],  # type: ignore[misc]
                         "gpu_vendors": b["gpu_vendors"], "builtin_version": b["builtin_version"],
-                        "versions": b["versions"], "installable": b["installable"]}
+                        "versions": b["versions"], "installable": b["installable"],
+                        **({"rpc": b["rpc"]} if "rpc" in b else {})}
             for b in described if b["available"]}
 
 

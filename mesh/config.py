@@ -91,6 +91,11 @@ class Config:
     reserved_memory_mib: int = field(default=1024,
                                      metadata={"flag": "--reserved-memory-mib",
                                                "env": "GPUMESH_RESERVED_MEMORY_MIB"})
+    # RAM this node offers to instances at most (None: what the machine has). For a machine
+    # shared with other work, or several nodes on one machine. Capped in the node record.
+    memory_limit_mib: int | None = field(default=None,
+                                         metadata={"flag": "--memory-limit-mib",
+                                                   "env": "GPUMESH_MEMORY_LIMIT_MIB"})
     # While an engine runs it is probed this often; three failed probes in a row restart it.
     engine_health_interval_s: float = field(default=5.0,
                                             metadata={"flag": "--engine-health-interval",
@@ -172,6 +177,10 @@ class Config:
         self.gpu_labels = _gpu_labels(self.gpu_labels)
         self.wake_timeout_s = _seconds(self.wake_timeout_s, "wake_timeout_s")
         self.reserved_memory_mib = _int(self.reserved_memory_mib, "reserved_memory_mib", 0)
+        if self.memory_limit_mib not in (None, ""):
+            self.memory_limit_mib = _int(self.memory_limit_mib, "memory_limit_mib", 1)
+        else:
+            self.memory_limit_mib = None
         self.engine_health_interval_s = _seconds(self.engine_health_interval_s,
                                                  "engine_health_interval_s")
         self.engine_healthy_uptime_s = _seconds(self.engine_healthy_uptime_s,

@@ -35,6 +35,7 @@ from gpumesh.backends.registry import get_backend
 from gpumesh.backends.versions import BackendVersions, InstallError
 from gpumesh.modelfiles import ModelFileError, find_mmproj, resolve_model_file
 
+from .rpc_workers import layer_split
 from .runtimes.base import EngineHandle, EngineStartError, Runtime, StartRequest
 from .runtimes.logfile import log_files
 from .auth import engine_key
@@ -199,10 +200,11 @@ class InstanceSupervisor:
                                "runtime": runtime.name, "image": spec.image,
                                "container": self._engine.container_id})
         headers = _auth_headers(request.api_key)
-        await self._wait_healthy(request.port, engine.backend.health_path, headers)
+        await self._until_rpc_lost(
+            self._wait_healthy(request.port, engine.backend.health_path, headers), rpc_servers)
         await self._report("running", reason=None)
         healthy_since.append(time.monotonic())
-        await self._watch(request.port, engine.backend.health_path, headers)
+        await self._watch(request.port, engine.backend.health_path, headers, rpc_servers)
 
     def _records(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         view = self._store.view
@@ -305,6 +307,7 @@ class InstanceSupervisor:
             kv_cache_bytes=estimate.get("kv_cache_bytes"), engine_home=engine.home,
             image=model.get("image"), mmproj_path=str(mmproj) if mmproj else None,
             rpc_servers=rpc_servers,
+            rpc_layer_split=layer_split(instance) if rpc_servers else (),
             # Only this node's gateway can compute it (mesh/auth.py): nothing else on the
             # host can call the engine.
             api_key=(engine_key(self._engine_secret, self.instance_id)
@@ -333,15 +336,58 @@ class InstanceSupervisor:
         raise InstanceFailed(f"the engine was not healthy within "
                              f"{self._timings.startup_timeout_s:.0f} s")
 
-    async def _watch(self, port: int, health_path: str, headers: dict[str, str]) -> None:
+    async def _until_rpc_lost(self, step: Awaitable[None], rpc_servers: tuple[str, ...]) -> None:
+        """Run `step`; for a model spread over nodes, fail as soon as a worker's rpc-server
+        is gone or moved (llama-server cannot reconnect: it must start again)."""
+        if not rpc_servers:
+            await step
+            return
+        work = asyncio.ensure_future(step)
+        lost = asyncio.ensure_future(self._rpc_lost(rpc_servers))
+        try:
+            done, _ = await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()
+                return
+            raise InstanceFailed(lost.result())
+        finally:
+            for task in (work, lost):
+                task.cancel()
+            await asyncio.gather(work, lost, return_exceptions=True)
+
+    async def _rpc_lost(self, rpc_servers: tuple[str, ...]) -> str:
+        """Returns (why) once the workers' recorded endpoints differ from `rpc_servers`."""
+        version = -1
+        while True:
+            view = await self._store.wait_changed(version, timeout=5.0)
+            version = view.version
+            instance = view.instances.get(self.instance_id)
+            if instance is None:
+                continue                 # leaving the state: the agent stops us
+            workers = [w["node_id"] for w in (instance.get("allocation") or {}).get("workers") or []]
+            endpoints = instance.get("rpc_endpoints") or {}
+            for node, was in zip(workers, rpc_servers):
+                now = endpoints.get(node)
+                if now != was:
+                    return (f"the rpc-server on worker node {node} "
+                            f"{'stopped' if now is None else f'moved to {now}'}; "
+                            f"restarting with the workers' current rpc-servers")
+
+    async def _watch(self, port: int, health_path: str, headers: dict[str, str],
+                     rpc_servers: tuple[str, ...] = ()) -> None:
         """Until the engine exits or stops answering its health check (a stopped or wedged
-        engine would otherwise hold every request routed to it)."""
+        engine would otherwise hold every request routed to it), or a worker's rpc-server
+        of a model spread over nodes goes away."""
         assert self._engine is not None
         exited = asyncio.ensure_future(self._engine.wait())
+        lost = asyncio.ensure_future(self._rpc_lost(rpc_servers)) if rpc_servers else None
         failed = 0
         try:
             while True:
-                done, _ = await asyncio.wait({exited}, timeout=self._timings.health_interval_s)
+                done, _ = await asyncio.wait({exited, *([lost] if lost else [])},
+                                             timeout=self._timings.health_interval_s)
+                if lost is not None and lost in done:
+                    raise InstanceFailed(lost.result())
                 if done:
                     raise InstanceFailed(f"the engine exited with status {exited.result()}: "
                                          f"{self._engine_error()}")
@@ -358,6 +404,8 @@ class InstanceSupervisor:
                         f"row, {self._timings.health_interval_s:g} s apart); restarting it")
         finally:
             exited.cancel()
+            if lost is not None:
+                lost.cancel()
 
     async def _probe(self, port: int, path: str, headers: dict[str, str], timeout: float) -> bool:
         url = f"http://127.0.0.1:{port}{path}"

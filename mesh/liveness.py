@@ -61,6 +61,8 @@ class LivenessMonitor:
             self._heard = {node_id: now for node_id in view.nodes}
             self._beats = {n["id"]: n.get("heartbeat_at") for n in view.nodes.values()}
         holding = {i["node_id"] for i in view.instances.values()}
+        holding.update(w["node_id"] for i in view.instances.values()      # RPC workers
+                       for w in (i.get("allocation") or {}).get("workers") or ())
         for node in list(view.nodes.values()):
             silent = self._silence(node, status, now)
             if node.get("status") == "ready" and silent > self.grace_s:

@@ -237,7 +237,8 @@ class NodePresence:
         node = {"id": self._node_id, "name": self._config.node_name, "status": status,
                 "labels": self._config.labels, "gpu_labels": self._config.gpu_labels,
                 "api_url": self._config.api_url, "raft_address": self._config.raft_address,
-                "version": __version__, "inventory": inventory.to_dict(),
+                "version": __version__,
+                "inventory": _capped(inventory.to_dict(), self._memory_limit()),
                 "backends": node_backends(self._backends),
                 "updated": time.time()}
         await self._store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
@@ -267,11 +268,15 @@ class NodePresence:
                 log.debug("heartbeat not committed: %s", exc)
 
     def _resources(self) -> dict[str, Any]:
-        resources = _resources()
+        resources = _capped(_resources(), self._memory_limit())
         gpus = self._gpu_usage() if self._gpu_usage is not None else None
         if gpus:
             resources["gpus"] = gpus
         return resources
+
+    def _memory_limit(self) -> int | None:
+        limit = self._config.memory_limit_mib
+        return limit << 20 if limit else None
 
     def _removed(self) -> None:
         self.removed = True
@@ -281,6 +286,15 @@ class NodePresence:
         known = self._data.read_cluster() or {}
         self._data.write_cluster({**known, "removed": True})
         self._on_removed()
+
+
+def _capped(record: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    """`--memory-limit-mib`: the node offers at most `limit` bytes of RAM (or less, when the
+    machine itself has less free); bookings account for the instances within it."""
+    if limit is None:
+        return record
+    return {**record, **{key: min(int(record[key]), limit) for key in
+                         ("memory_total_bytes", "memory_available_bytes") if key in record}}
 
 
 def _resources() -> dict[str, Any]:

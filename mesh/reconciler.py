@@ -17,6 +17,7 @@ import secrets
 import time
 from typing import Any, Callable, Mapping
 
+from .commands.nodes import nodes_used
 from .scheduler import ClusterIndex, Placement, Scheduler
 from .scheduler.demand import EVICT_IDLE_S, plan_eviction, wanted_replicas
 from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
@@ -86,8 +87,9 @@ def _serving_for(instance: Mapping[str, Any], now: float) -> float:
 
 
 def _on_draining_node(index: ClusterIndex, instance_id: str) -> bool:
-    node = index.nodes.get(index.instances[instance_id]["node_id"])
-    return node is not None and node.status == "draining"
+    """Run by, or spread over (an RPC worker), a draining node."""
+    return any((node := index.nodes.get(n)) is not None and node.status == "draining"
+               for n in nodes_used(index.instances[instance_id]))
 
 
 def _create(scheduler: Scheduler, model: Mapping[str, Any], placement: Placement,

@@ -9,7 +9,11 @@ gpu_indices, memory_bytes}]`. The contract, by side:
   advertised address and a free port, recorded in the instance as
   `rpc_endpoints[node_id] = "host:port"` (command `set_rpc_endpoint`; None when it stops).
 - The head's supervisor waits until every worker has an endpoint, then starts llama-server
-  with `--rpc host:port,...` in the allocation's worker order (`instance.py`).
+  with `--rpc host:port,...` in the allocation's worker order and the plan's layer split
+  (`layer_split`), and restarts it when a worker's endpoint changes or goes (`instance.py`):
+  llama-server does not reconnect to an rpc-server that went away.
+- A worker node that goes away (unreachable, stopped, drained) takes the whole instance
+  with it (`commands/nodes.py`), and the scheduler plans it again on the nodes left.
 
 rpc-server has no authentication: it binds the advertised (cluster) address only, never all
 interfaces. It restarts with a backoff when it exits, and goes when the instance does.
@@ -30,7 +34,7 @@ from .runtimes.base import EngineHandle, EngineStartError, StartRequest
 from .runtimes.process import ProcessRuntime
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
-__all__ = ["RpcWorker", "rpc_duties"]
+__all__ = ["RpcWorker", "layer_split", "rpc_duties"]
 
 log = logging.getLogger("gpumesh.agent")
 
@@ -50,6 +54,23 @@ def rpc_duties(instances: Any, node_id: str) -> dict[str, dict[str, Any]]:
             if worker.get("node_id") == node_id:
                 duties[instance["id"]] = {**worker, "gpu_vendor": allocation.get("gpu_vendor")}
     return duties
+
+
+def layer_split(instance: dict[str, Any]) -> tuple[int, ...]:
+    """The plan's bytes of weights + KV cache per device, in llama.cpp's device order (each
+    worker's devices in the allocation's worker order, then the head's GPUs, or its CPU):
+    what `LaunchRequest.rpc_layer_split` asks for. () for plans that carry no split."""
+    allocation = instance.get("allocation") or {}
+    bookings = allocation.get("bookings") or []
+    shares = allocation.get("split_bytes") or []
+    if not shares or len(shares) != len(bookings):
+        return ()
+    by_node: dict[str, list[tuple[int, int]]] = {}
+    for booking, share in zip(bookings, shares):
+        index = booking.get("gpu_index") if booking.get("device") == "gpu" else -1
+        by_node.setdefault(booking["node_id"], []).append((index, int(share)))
+    order = [w["node_id"] for w in allocation.get("workers") or []] + [instance["node_id"]]
+    return tuple(share for node in order for _, share in sorted(by_node.get(node, [])))
 
 
 class RpcWorker:

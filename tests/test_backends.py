@@ -100,8 +100,56 @@ def test_llama_cpp_rpc_needs_a_binary_and_names_its_servers(tmp_path: Path,
     binary.chmod(0o755)
     monkeypatch.setenv("GPUMESH_LLAMA_RPC_SERVER", str(binary))
     rpc = LlamaCppBackend().rpc_server_launch("10.0.0.3", 50052, "nvidia", (1,))
-    assert rpc.argv == (str(binary), "--host", "10.0.0.3", "--port", "50052")
+    assert rpc.argv[:5] == (str(binary), "--host", "10.0.0.3", "--port", "50052")
+    assert rpc.argv[5] == "--threads" and int(rpc.argv[6]) >= 1
     assert rpc.env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_llama_cpp_rpc_passes_the_plans_layer_split(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "m.gguf", n_layer=8)
+    image = "ghcr.io/ggml-org/llama.cpp:server"
+
+    def flag(spec, name: str) -> str:  # type: ignore[no-untyped-def]
+        return spec.argv[spec.argv.index(name) + 1]
+
+    # A head on the CPU keeps its share (400 of 800 bytes: 4 of 8 layers) by offloading the
+    # other 4 and the output layer; the workers split those 3 to 1.
+    cpu = LlamaCppBackend().launch(_request(model, image=image, rpc_servers=("a:1", "b:2"),
+                                            rpc_layer_split=(300, 100, 400)))
+    assert flag(cpu, "-ngl") == "5" and flag(cpu, "--tensor-split") == "0.7500,0.2500"
+    assert cpu.env["GGML_NO_BACKTRACE"] == "1"     # a lost rpc-server aborts it: exit at once
+    # A head on GPUs offloads everything: remote devices first, then its own.
+    gpu = LlamaCppBackend().launch(_request(model, image=image, gpu_vendor="nvidia",
+                                            gpu_indices=(0, 1), rpc_servers=("a:1",),
+                                            rpc_layer_split=(200, 100, 100)))
+    assert flag(gpu, "-ngl") == "999" and flag(gpu, "--tensor-split") == "0.5000,0.2500,0.2500"
+    # Without a split (older records) llama.cpp splits by the devices' free memory.
+    plain = LlamaCppBackend().launch(_request(model, image=image, rpc_servers=("a:1",)))
+    assert "--tensor-split" not in plain.argv and flag(plain, "-ngl") == "999"
+
+
+def test_rpc_servers_are_found_beside_llama_server_and_never_bind_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = tmp_path / "build"
+    build.mkdir()
+    for name in ("llama-server", "ggml-rpc-server"):       # a 2026 build's names
+        (build / name).write_text("#!/bin/sh\n")
+        (build / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("GPUMESH_LLAMA_RPC_SERVER", raising=False)
+    monkeypatch.setenv("GPUMESH_LLAMA_SERVER", str(build / "llama-server"))
+    backend = LlamaCppBackend()
+    assert backend.rpc_server_binary() == str(build / "ggml-rpc-server")
+    assert backend.rpc_server_launch("10.0.0.3", 50052).argv[0] == str(build / "ggml-rpc-server")
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="no authentication"):
+            backend.rpc_server_launch(wildcard, 50052)
+    monkeypatch.setenv("GPUMESH_LLAMA_RPC_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(BackendUnavailable, match="not an executable rpc-server"):
+        backend.rpc_server_binary()
+    # A shell script is no llama-server with RPC: it cannot head a spread model.
+    monkeypatch.delenv("GPUMESH_LLAMA_RPC_SERVER")
+    assert backend.rpc_roles() == {"client": False, "server": True}
 
 
 # --- custom and MindIE ----------------------------------------------------------------------------

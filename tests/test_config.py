@@ -18,7 +18,7 @@ from gpumesh.mesh.config import (
 
 ENV_NAMES = ("GPUMESH_DATA_DIR", "XDG_DATA_HOME", "GPUMESH_HOST", "GPUMESH_API_PORT",
              "GPUMESH_RAFT_PORT", "GPUMESH_NODE_NAME", "GPUMESH_GPU_PROBE",
-             "GPUMESH_RESERVED_MEMORY_MIB", "GPUMESH_LOG_LEVEL")
+             "GPUMESH_RESERVED_MEMORY_MIB", "GPUMESH_LOG_LEVEL", "GPUMESH_MEMORY_LIMIT_MIB")
 
 
 @pytest.fixture(autouse=True)
@@ -206,6 +206,19 @@ def test_non_numeric_port_from_the_environment_names_the_flag(monkeypatch):
     monkeypatch.setenv("GPUMESH_RAFT_PORT", "eighty")
     message = _error()
     assert "--raft-port" in message and "'eighty'" in message
+
+
+def test_a_memory_limit_caps_what_the_node_record_offers(monkeypatch):
+    from gpumesh.mesh.membership import _capped
+    assert Config.from_sources({}).memory_limit_mib is None
+    monkeypatch.setenv("GPUMESH_MEMORY_LIMIT_MIB", "512")
+    assert Config.from_sources({}).memory_limit_mib == 512
+    assert "--memory-limit-mib" in _error({"memory_limit_mib": 0})
+    record = {"memory_total_bytes": 24 << 30, "memory_available_bytes": 200 << 20, "cpu_cores": 2}
+    assert _capped(record, 512 << 20) == {"memory_total_bytes": 512 << 20,    # the machine has
+                                          "memory_available_bytes": 200 << 20,  # less free
+                                          "cpu_cores": 2}
+    assert _capped(record, None) is record
 
 
 def test_negative_reserved_memory():

@@ -238,6 +238,27 @@ def test_a_drain_with_nowhere_to_go_keeps_the_instance_and_says_why():
     assert c.instances_of("m") == [old] and c.state["models"]["m"]["schedule_error"] is None
 
 
+def test_a_drained_rpc_worker_s_spread_instance_is_replaced_before_it_goes():
+    # No node holds the model alone: it is spread over two (a head and an RPC worker).
+    c = Cluster(*(node(n, ram=8 * GiB) for n in "abcd"))
+    c.deploy("m", 12 * GiB, replicas=1)
+    c.settle("m")
+    c.run("m")
+    (old,) = c.instances_of("m")
+    (worker,) = [w["node_id"] for w in old["allocation"]["workers"]]
+    c.apply({"op": "drain_node", "id": worker, "draining": True})
+    created = c.step("m")                    # a replacement on the two other nodes first
+    assert [cmd["op"] for cmd in created] == ["create_instance"]
+    placed = created[0]["instance"]
+    assert {b["node_id"] for b in placed["allocation"]["bookings"]}.isdisjoint(
+        {old["node_id"], worker})
+    c.apply({"op": "update_instance", "id": placed["id"],
+             "changes": {"state": "running", "updated": NOW}})
+    assert c.step("m", NOW + 1.0) == []      # the old one serves meanwhile
+    assert c.step("m", NOW + HANDOVER_S) == [
+        {"op": "delete_instance", "id": old["id"], "if_running_elsewhere": 1}]
+
+
 def test_scaling_to_zero_during_a_drain_removes_the_leaving_instance():
     c = Cluster(node("a", ram=32 * GiB), node("b", ram=32 * GiB))
     c.deploy("m", 2 * GiB, replicas=1)

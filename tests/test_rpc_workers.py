@@ -21,6 +21,7 @@ from tinymodels import write_tiny_gguf
 from gpumesh.backends.versions import BackendVersions
 from gpumesh.mesh.agent import NodeAgent
 from gpumesh.mesh.commands import apply_command
+from gpumesh.mesh.commands.nodes import leaving
 from gpumesh.mesh.deployments import build_model_record
 from gpumesh.mesh.instance import InstanceSupervisor
 from gpumesh.mesh.state import CommandRejected
@@ -118,3 +119,29 @@ def test_endpoints_are_each_workers_own_and_vanish_with_it() -> None:
         state, result = apply_command(state, {"op": "set_rpc_endpoint", "id": "i",
                                               "node_id": node_id, "endpoint": endpoint})
     assert state["instances"]["i"]["rpc_endpoints"] == {"w2": "b:2"}
+
+
+def test_a_worker_node_that_goes_away_takes_the_spread_instance_with_it() -> None:
+    """Its share of the layers is gone: the whole instance is planned again elsewhere."""
+    nodes = {n: {"id": n, "name": n, "status": "ready"} for n in ("h", "w1", "w2", "x")}
+    state = {"nodes": nodes, "models": {}, "api_keys": {},
+             "instances": {"i": _rpc_instance("i", "h", ["w1", "w2"]),
+                           "j": instance_record("j", "other", "running", "x")}}
+    state, result = apply_command(state, {"op": "set_node_status", "id": "w2",
+                                          "status": "unreachable", "at": 0.0, "evict": True})
+    assert result["instances_removed"] == ["i"] and set(state["instances"]) == {"j"}
+
+
+def test_a_draining_worker_node_makes_the_spread_instance_leave_without_a_gap() -> None:
+    """A drain removes nothing: the spread instance keeps serving but is leaving (it does
+    not count as a replica), so its replacement is placed before it goes."""
+    nodes = {n: {"id": n, "name": n, "status": "ready"} for n in ("h", "w1", "x")}
+    state = {"nodes": nodes, "api_keys": {},
+             "models": {"m": {"name": "m", "replicas": 1}},
+             "instances": {"i": {**_rpc_instance("i", "h", ["w1"]), "model": "m"},
+                           "j": instance_record("j", "other", "running", "x")}}
+    assert not leaving(state, state["instances"]["i"])
+    state, result = apply_command(state, {"op": "drain_node", "id": "w1", "draining": True})
+    assert result["instances_leaving"] == ["i"] and set(state["instances"]) == {"i", "j"}
+    assert leaving(state, state["instances"]["i"])
+    assert not leaving(state, state["instances"]["j"])

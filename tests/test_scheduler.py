@@ -29,7 +29,8 @@ def gpu(index: int, total: int, vendor: str = "nvidia", used: int = 0,
 
 # What each test backend's installation can do on a node (node["backends"][name]).
 CAPABILITIES = {
-    "llama.cpp": {"runs_on_cpu": True, "gpu_vendors": ["amd", "nvidia"]},
+    "llama.cpp": {"runs_on_cpu": True, "gpu_vendors": ["amd", "nvidia"],
+                  "rpc": {"client": True, "server": True}},
     "vllm": {"runs_on_cpu": False, "gpu_vendors": ["nvidia"]},
     "cpu-engine": {"runs_on_cpu": True, "gpu_vendors": []},
 }
@@ -500,6 +501,43 @@ def test_llama_cpp_splits_over_the_ram_of_cpu_nodes():
     p = place(model(size=12 * GiB), nodes)
     assert p.mechanism == "llama.cpp-rpc" and p.device == "cpu"
     assert sorted(b.node_id for b in p.bookings) == ["a", "b"]
+
+
+def test_rpc_plans_need_a_head_with_an_rpc_client_and_workers_with_rpc_servers():
+    def with_rpc(n: dict, client: bool, server: bool) -> dict:
+        n["backends"] = {"llama.cpp": {**CAPABILITIES["llama.cpp"],
+                                       "rpc": {"client": client, "server": server}}}
+        return n
+
+    # The roomiest node has no RPC client: it lends its RAM, a smaller one runs the server.
+    nodes = [with_rpc(node("a", ram=9 * GiB), False, True), node("b", ram=6 * GiB),
+             with_rpc(node("c", ram=8 * GiB), False, False)]
+    p = place(model(size=12 * GiB), nodes)
+    assert (p.mechanism, p.node_id) == ("llama.cpp-rpc", "b")
+    assert [w["node_id"] for w in p.allocation()["workers"]] == ["a"]     # c can do neither
+    # Each booking's share of weights + KV, in the allocation for the head's layer split.
+    alloc = p.allocation()
+    assert sum(alloc["split_bytes"]) >= 12 * GiB and len(alloc["split_bytes"]) == 2
+    assert alloc["split_bytes"][1] / alloc["split_bytes"][0] == pytest.approx(9 / 6, rel=1e-6)
+    no_head = place(model(size=12 * GiB), [with_rpc(node(n, ram=8 * GiB), False, True)
+                                           for n in "ab"])
+    assert "no ready node with room has a llama-server built with RPC" in no_head.reason
+    no_worker = place(model(size=12 * GiB), [with_rpc(node(n, ram=8 * GiB), True, False)
+                                             for n in "ab"])
+    assert "no other ready node with free RAM runs llama.cpp's rpc-server" in no_worker.reason
+
+
+def test_the_layer_split_follows_llama_cpps_device_order():
+    from gpumesh.mesh.rpc_workers import layer_split
+    nodes = [node("a", ram=1 * GiB, gpus=[gpu(0, 10 * GiB), gpu(1, 10 * GiB)]),
+             node("b", ram=1 * GiB, gpus=[gpu(0, 4 * GiB)]),
+             node("c", ram=1 * GiB, gpus=[gpu(0, 6 * GiB)])]
+    p = place(model(size=28 * GiB), nodes)
+    record = instance("i", "m1", p)
+    assert p.node_id == "a" and [w["node_id"] for w in record["allocation"]["workers"]] == ["b", "c"]
+    split = layer_split(record)          # workers b, c (their rpc-servers), then a's GPUs 0, 1
+    assert len(split) == 4 and sum(split) >= 28 * GiB
+    assert [s / split[0] for s in split] == pytest.approx([1, 6 / 4, 10 / 4, 10 / 4], rel=1e-6)
 
 
 def test_multi_node_can_be_turned_off_and_other_engines_cannot_split():

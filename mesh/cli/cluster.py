@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..client import model_path
+from ..commands.nodes import nodes_used
 from .output import CliError, Exit, add_client_command, client_for, gib, print_result, status_cell, table
 
 __all__ = ["register"]
@@ -87,8 +88,9 @@ def _wait_drained(client: Any, reply: dict[str, Any], timeout: float) -> None:
     """Until no instance is left on the node; CliError naming what holds it up if not."""
     deadline = time.monotonic() + timeout
     while True:
+        # Its own instances, and those spread over it as an RPC worker.
         left = [i for i in client.get("/api/instances")["data"]
-                if i["node_id"] == reply["node"]]
+                if reply["node"] in nodes_used(i)]
         if not left:
             return
         if time.monotonic() > deadline:

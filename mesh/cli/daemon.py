@@ -54,6 +54,9 @@ def register(sub: Any) -> None:
                          "GPUMESH_WAKE_TIMEOUT)")
     up.add_argument("--reserved-memory-mib", type=int,
                     help="RAM the scheduler leaves to the system (default 1024)")
+    up.add_argument("--memory-limit-mib", type=int,
+                    help="RAM this node offers to instances at most (default: all the "
+                    "machine has)")
     up.add_argument("--engine-health-interval", dest="engine_health_interval_s", type=float,
                     help="seconds between health probes of a running engine; 3 failures in a "
                     "row restart it (default 5)")

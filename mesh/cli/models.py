@@ -207,10 +207,10 @@ def cmd_instances(args: argparse.Namespace) -> int:
 
 
 def _device_cell(allocation: dict[str, Any]) -> str:
-    if allocation["device"] != "gpu":
-        return allocation["device"]
-    where = "gpu " + ",".join(map(str, allocation["gpu_indices"]))
-    workers = len(allocation.get("workers") or ())
+    where = allocation["device"]
+    if where == "gpu":
+        where = "gpu " + ",".join(map(str, allocation["gpu_indices"]))
+    workers = len(allocation.get("workers") or ())      # a model spread over nodes
     return where + (f" +{workers} node(s)" if workers else "")
 
 

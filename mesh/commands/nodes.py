@@ -5,19 +5,20 @@ A record's `status` is its liveness: `ready` or `stopped` (written by the node i
 `unreachable` (written by the leader, which alone sees every node's acks). `draining` is the
 admin's decision and outlives restarts. When the leader marks a node unreachable (or finds
 a stopped one still holding instances) its instances leave it in the same command
-(`evict`), so the reconciler places them elsewhere at once and no reader ever sees a node
-that is gone still holding instances.
+(`evict`) — with those spread over it as an RPC worker — so the reconciler places them
+elsewhere at once and no reader ever sees a node that is gone still holding instances.
 
 A drained node is still there, so its instances are not dropped: they keep serving while
 the reconciler starts a replacement for each on another node (instances on a draining node
 do not count towards a model's replicas: `leaving`), and each is deleted only once enough
 replicas run elsewhere (`delete_instance` with `if_running_elsewhere`). A model with one
-replica never has a gap, and one with nowhere else to go stays where it is.
+replica never has a gap, and one with nowhere else to go stays where it is. An instance
+spread over a draining node as an RPC worker is leaving in the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from .common import CommandError, Result, State
 
@@ -79,15 +80,16 @@ def _drain_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
     current = _node(state, cmd["id"])
     nodes = dict(state["nodes"])
     nodes[cmd["id"]] = {**current, "draining": bool(cmd["draining"])}
-    on_node = sorted(k for k, v in state["instances"].items() if v["node_id"] == cmd["id"])
+    on_node = sorted(k for k, v in state["instances"].items() if uses_node(v, cmd["id"]))
     return {"nodes": nodes}, {"ok": True, "instances_leaving": on_node if cmd["draining"]
                               else []}
 
 
 def leaving(state: State, instance: dict[str, Any]) -> bool:
-    """On a draining node: serving until replaced elsewhere, not counted as a replica."""
-    node = state["nodes"].get(instance["node_id"])
-    return bool(node and node.get("draining"))
+    """On a draining node (as its head or an RPC worker): serving until replaced elsewhere,
+    not counted as a replica."""
+    return any((node := state["nodes"].get(n)) is not None and node.get("draining")
+               for n in nodes_used(instance))
 
 
 def _remove_node(state: State, cmd: dict[str, Any]) -> tuple[dict, Result]:
@@ -105,8 +107,20 @@ def _node(state: State, node_id: str) -> dict[str, Any]:
 
 
 def _without_instances_on(state: State, node_id: str) -> tuple[dict, list[str]]:
-    kept = {k: v for k, v in state["instances"].items() if v["node_id"] != node_id}
+    """Instances that run on the node, or lend its devices (a model spread over nodes: its
+    worker's share of the layers goes with the node, so the whole instance is re-planned)."""
+    kept = {k: v for k, v in state["instances"].items() if not uses_node(v, node_id)}
     return kept, sorted(set(state["instances"]) - set(kept))
+
+
+def nodes_used(instance: Mapping[str, Any]) -> list[str]:
+    """The node an instance runs on, then the nodes that lend it devices as RPC workers."""
+    workers = (instance.get("allocation") or {}).get("workers") or ()
+    return [instance["node_id"], *(w["node_id"] for w in workers if w.get("node_id"))]
+
+
+def uses_node(instance: Mapping[str, Any], node_id: str) -> bool:
+    return node_id in nodes_used(instance)
 
 
 HANDLERS = {

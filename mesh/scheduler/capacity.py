@@ -131,6 +131,13 @@ class NodeSlot:
         traits = self.backends.get(backend)
         return bool(traits and traits.get("runs_on_cpu"))
 
+    def rpc_roles(self, backend: str) -> tuple[bool, bool]:
+        """(head, worker) for a model spread over nodes: can this node's install of `backend`
+        run the server that holds the workers (llama.cpp: a llama-server with an RPC client),
+        and lend its devices to another node's (an rpc-server)?"""
+        rpc = (self.backends.get(backend) or {}).get("rpc") or {}
+        return bool(rpc.get("client")), bool(rpc.get("server"))
+
     def free_by_vendor(self, vendor: str) -> list[int]:
         """Free bytes of this node's GPUs of one vendor, largest first."""
         return sorted((g.free for g in self.gpus.values() if g.vendor == vendor), reverse=True)

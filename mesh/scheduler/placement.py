@@ -18,6 +18,7 @@ ties break by node id and GPU index, never by the order records arrive in.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class Placement:
     bookings: tuple[Booking, ...] = ()      # every device it holds, head and workers
     mechanism: str | None = None            # None, "tensor-parallel", "llama.cpp-rpc", "ray-pipeline"
     pipeline_parallel: int = 1
+    # llama.cpp RPC: per booking (same order), the bytes of weights + KV cache it holds; the
+    # head passes them to llama.cpp as the layer split (`--tensor-split`, `-ngl`)
+    split_bytes: tuple[int, ...] = ()
     reason: str = field(default="", compare=False)      # policy: where; why not simpler
     where: str = field(default="", compare=False)       # the chosen devices, in words
     notes: tuple[str, ...] = field(default=(), compare=False)   # simpler plans that failed
@@ -65,7 +69,8 @@ class Placement:
                 "tensor_parallel": max(1, len(self.gpu_indices)),
                 "pipeline_parallel": self.pipeline_parallel, "mechanism": self.mechanism,
                 "bookings": [b.to_dict() for b in self.bookings],
-                "workers": self.workers()}
+                "workers": self.workers(),
+                **({"split_bytes": list(self.split_bytes)} if self.split_bytes else {})}
 
     def workers(self) -> list[dict[str, Any]]:
         """Per worker node: its devices and memory (llama.cpp rpc-server / Ray worker)."""
@@ -370,50 +375,77 @@ class _Decision:
                                        f"{format_bytes(per_gpu)} per GPU")
 
     def _split_by_free_memory(self, device: str) -> Placement | None:
-        """llama.cpp RPC: take devices, roomiest nodes first, until their free memory (less
-        what each device holds whole) covers the weights and KV cache; split layers in
-        proportion, so every device fills the same fraction of what it offers."""
+        """llama.cpp RPC: the roomiest node that can run the server (a llama-server with an
+        RPC client) is the head; then take the devices of the roomiest nodes that run an
+        rpc-server until their free memory (less what each device holds whole) covers the
+        weights and KV cache; split layers in proportion, so every device fills the same
+        fraction of what it offers."""
         req = self.req
         split, fixed = req.split_bytes[device], req.fixed_bytes[device]
-        offers: list[tuple[NodeSlot, GpuSlot | None, int]] = []
-        total, nodes_used = 0, 0
+        head: list[tuple[NodeSlot, GpuSlot | None, int]] = []
+        workers: list[list[tuple[NodeSlot, GpuSlot | None, int]]] = []
+        total = 0
         for node in self._roomiest_nodes(device):
-            if nodes_used >= _MAX_NODES_PER_REPLICA or total >= split:
+            if head and (total >= split or len(workers) + 1 >= _MAX_NODES_PER_REPLICA):
                 break
-            if device == "cpu":
-                devices = [(None, node.ram_free - fixed)] if node.backend_runs_on_cpu(req.backend) else []
-            else:
-                devices = [(g, g.free - fixed) for g in sorted(node.gpus.values(), key=lambda g: g.index)
-                           if self.gpu_ok(node, g)]
-            devices = [(g, offer) for g, offer in devices if offer > 0]
-            if not devices or not self.node_ok(node):
+            can_head, can_work = node.rpc_roles(req.backend)
+            if not (can_head and not head) and not (can_work and len(workers) + 1 < _MAX_NODES_PER_REPLICA):
+                continue                  # nothing this node could do for the plan
+            devices = self._offers(node, device, fixed)
+            if not devices:
                 continue
-            nodes_used += 1
-            for gpu, offer in devices:
-                offers.append((node, gpu, offer))
-                total += offer
-        if nodes_used < 2 or total < split:
-            what = "GPUs" if device == "gpu" else "RAM"
-            self.notes.append(f"llama.cpp RPC over the {what} of up to {_MAX_NODES_PER_REPLICA} "
-                              f"nodes: together they have {format_bytes(max(total, 0))} for "
-                              f"the {format_bytes(split)} of weights and KV cache")
+            if can_head and not head:
+                head = devices
+            else:
+                workers.append(devices)
+            total += sum(offer for _, _, offer in devices)
+        if not head or not workers or total < split:
+            self.notes.append(self._rpc_note(device, head, workers, total, split))
             return None
+        offers = head + [d for devices in workers for d in devices]
         fraction = split / total
-        bookings = tuple(Booking(node.id, device, gpu.index if gpu else None,
-                                 math.ceil(fraction * offer) + fixed)
-                         for node, gpu, offer in offers)
-        head, head_gpu = offers[0][0], offers[0][1]
-        head_books = [b for b in bookings if b.node_id == head.id]
-        plan = Placement(head.id, device, max(b.memory_bytes for b in head_books),
+        shares = tuple(math.ceil(fraction * offer) for _, _, offer in offers)
+        bookings = tuple(Booking(node.id, device, gpu.index if gpu else None, share + fixed)
+                         for (node, gpu, _), share in zip(offers, shares))
+        head_node, head_gpu = offers[0][0], offers[0][1]
+        head_books = [b for b in bookings if b.node_id == head_node.id]
+        nodes_used = 1 + len(workers)
+        plan = Placement(head_node.id, device, max(b.memory_bytes for b in head_books),
                          head_gpu.vendor if head_gpu else None,
                          tuple(b.gpu_index for b in head_books if b.gpu_index is not None),
                          bookings=bookings, mechanism="llama.cpp-rpc",
-                         pipeline_parallel=nodes_used)
-        shares = ", ".join(f"{self._name(node_id)} {format_bytes(size)}"
-                           for node_id, size in _per_node(bookings))
+                         pipeline_parallel=nodes_used, split_bytes=shares)
+        per_node = ", ".join(f"{self._name(node_id)} {format_bytes(size)}"
+                             for node_id, size in _per_node(bookings))
         return self._with_reason(plan, f"split over {count_words(nodes_used)} nodes with "
                                        f"llama.cpp RPC servers, layers in proportion to free "
-                                       f"memory ({shares}); {head.name} runs the server")
+                                       f"memory ({per_node}); {head_node.name} runs the "
+                                       f"server, the others rpc-servers")
+
+    def _offers(self, node: NodeSlot, device: str,
+                fixed: int) -> list[tuple[NodeSlot, GpuSlot | None, int]]:
+        """What each of a node's devices offers to a split: free memory less what every
+        device holds whole (the engine process, compute buffers)."""
+        if not self.node_ok(node):
+            return []
+        if device == "cpu":
+            found = [(None, node.ram_free - fixed)] if node.backend_runs_on_cpu(self.req.backend) else []
+        else:
+            found = [(g, g.free - fixed) for g in sorted(node.gpus.values(), key=lambda g: g.index)
+                     if self.gpu_ok(node, g)]
+        return [(node, g, offer) for g, offer in found if offer > 0]
+
+    def _rpc_note(self, device: str, head: list, workers: list, total: int, split: int) -> str:
+        what = "GPUs" if device == "gpu" else "RAM"
+        if not head:
+            return ("llama.cpp RPC: no ready node with room has a llama-server built with RPC "
+                    "to hold the workers (GPUMESH_LLAMA_SERVER)")
+        if not workers:
+            return (f"llama.cpp RPC: no other ready node with free {what} runs llama.cpp's "
+                    f"rpc-server (GPUMESH_LLAMA_RPC_SERVER)")
+        return (f"llama.cpp RPC over the {what} of up to {_MAX_NODES_PER_REPLICA} nodes: "
+                f"together they have {format_bytes(max(total, 0))} for the "
+                f"{format_bytes(split)} of weights and KV cache")
 
     def _roomiest_nodes(self, device: str) -> Iterator[NodeSlot]:
         if device == "cpu":
@@ -436,9 +468,7 @@ class _Decision:
             parts.append(f"{self._name(plan.node_id)} already runs {replicas} replica(s) of "
                          f"{self.req.model}: no other node fits")
         reason = "; ".join(parts + self.notes)
-        return Placement(plan.node_id, plan.device, plan.memory_bytes, plan.gpu_vendor,
-                         plan.gpu_indices, plan.bookings, plan.mechanism,
-                         plan.pipeline_parallel, reason, where, tuple(self.notes))
+        return dataclasses.replace(plan, reason=reason, where=where, notes=tuple(self.notes))
 
     def _policy_words(self) -> str:
         return "the tightest fit" if self.binpack else "the most room"
