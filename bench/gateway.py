@@ -1,21 +1,27 @@
-"""The gateway's cost, in one run: a fake OpenAI engine called directly, through a bare aiohttp
-relay, and through gpumesh's gateway with auth, routing, limits, metering and metrics on.
+"""The gateway's cost, in one run: a stand-in OpenAI engine called directly, through a bare
+aiohttp relay, and through gpumesh's gateway with auth, routing, limits, metering and metrics
+on; non-streamed and streamed, 1 and 32 clients.
 
-Each server runs in its own process (`--serve engine|relay|gateway PORT`); this process is
-the load: a closed loop of C concurrent clients sending N chat requests (bounded in count,
-and in time by a deadline), non-streamed and streamed. It prints req/s, p50 and p99 per
-path, the gateway's share of the relay's throughput and the p50 it adds.
+Each server runs in its own process (`--serve ROLE PORT`); this process is the load: a closed
+loop of C concurrent clients sending N chat requests (bounded in count, and in time by a
+deadline per round and one for the whole run). Rounds go path after path (engine, relay,
+gateway, engine, …) so a burst of load from elsewhere hits every path alike; the median
+round is shown. Per path: req/s and its ratio to the relay, p50 and what it adds to the
+engine's, p99, and the server process's CPU time per request (from the kernel's per-thread
+schedstat: steadier than throughput on a shared machine), and its ratio to the relay's.
 
-The gateway under test is the daemon's own `http_app` on a real single-node Raft store, called
-with a user key that has limits (so the limiter runs) on a model whose instance is the fake
-engine: the fold of usage into the state runs as in a daemon. Streams go over pooled
-connections (the engine keeps them, as vLLM and SGLang do); the row "gateway, llama.cpp
-streams" routes the same engine as a llama.cpp model: each stream on a fresh connection
-(`Connection: close`), as the gateway does for llama.cpp, which closes them. `--llama`
-adds a real llama.cpp engine (tiny model), direct and through the gateway.
+The engine stands in for vLLM and SGLang: it keeps connections alive, streamed or not. A
+second one behaves like llama.cpp and closes the connection after each streamed answer
+(`Connection: close`): the streamed scenarios measure it separately (direct, through its own
+bare relay, through the gateway, where it is a llama.cpp model: the gateway opens a fresh
+connection per stream for it). The gateway under test is the daemon's own `http_app` on a
+real single-node Raft store, called with a user key that has limits (so the limiter runs);
+usage is folded into the state as in a daemon. Nothing but Python, aiohttp, msgpack and
+gpumesh (with its dependencies) is needed: no engine, no GPU, no network.
 
-Run: `.venv/bin/python bench/gateway.py [--requests-1 400] [--requests-32 2000] [--profile]`.
+Run: `python bench/gateway.py` (about a minute on 16 cores; `--quick` for a smoke run).
 `--profile` runs the gateway under cProfile and prints its top functions at the end.
+`--llama` adds a real llama.cpp engine (tiny model; needs the test extra), direct and through.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +53,15 @@ ANSWER = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "mo
                        "message": {"role": "assistant", "content": "Hello! How can I help?"}}],
           "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}
 STREAM_PIECES = ["Hello", "!", " How", " can", " I", " help", "?"]
-DEADLINE_S = 120.0            # one scenario never runs longer than this
+DEADLINE_S = 30.0             # one round never runs longer than this
 
 
 # --- the servers ---------------------------------------------------------------------------------
 
-def engine_app() -> web.Application:
-    """A fake OpenAI engine: a fixed answer, or a fixed stream of events (one write each)."""
+def engine_app(close_streams: bool = False) -> web.Application:
+    """A stand-in OpenAI engine: a fixed answer, or a fixed stream of events (one write
+    each, as an engine sends tokens). `close_streams`: close the connection after each
+    streamed answer, as llama.cpp does (announced: `Connection: close`)."""
     body = json.dumps(ANSWER, separators=(",", ":")).encode()
 
     def event(obj: dict[str, Any]) -> bytes:
@@ -73,6 +82,8 @@ def engine_app() -> web.Application:
         if not payload.get("stream"):
             return web.Response(body=body, content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if close_streams:
+            response.force_close()
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
@@ -118,11 +129,26 @@ def relay_app(engine_url: str) -> web.Application:
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-async def gateway_app(engine_port: int, llama_port: int | None, workdir: Path,
-                      keys_file: Path) -> web.Application:
-    """gpumesh's own app on a real store: a limited user key, the fake engine as an instance."""
+def write_stand_in_model(directory: Path) -> Path:
+    """A model folder that deploys as a safetensors LLM (config.json and a 32-byte tensor),
+    written by hand: the bench needs neither gguf nor numpy."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 512}))
+    header = json.dumps({"w": {"dtype": "F16", "shape": [4, 4],
+                               "data_offsets": [0, 32]}}).encode()
+    (directory / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + bytes(32))
+    return directory
+
+
+async def gateway_app(engine_port: int, closing_port: int, llama_port: int | None,
+                      workdir: Path, keys_file: Path) -> web.Application:
+    """gpumesh's own app on a real store: a limited user key, the stand-in engines as
+    instances of a vLLM model ("bench") and a llama.cpp model ("bench-llama")."""
     from inprocess import instance_record, new_store
-    from tinymodels import write_tiny_gguf
 
     from gpumesh.mesh.auth import ADMIN, new_api_key, new_user
     from gpumesh.mesh.daemon import http_app
@@ -141,15 +167,15 @@ async def gateway_app(engine_port: int, llama_port: int | None, workdir: Path,
     await store.submit({"op": "create_api_key", "key": record})
     await store.submit({"op": "upsert_node", "node": {"id": node_id, "name": node_id,
                                                       "status": "ready", "api_url": ""}})
-    gguf = write_tiny_gguf(workdir / "tiny.gguf")
-    models = [("bench", engine_port, None), ("bench-llama", engine_port, "llama.cpp")]
+    source = str(write_stand_in_model(workdir / "stand-in-model"))
+    models = [("bench", engine_port, "vllm"), ("bench-llama", closing_port, "llama.cpp")]
     if llama_port:
         models.append(("tiny", llama_port, "llama.cpp"))
     for name, port, backend in models:
-        model = build_model_record({"name": name, "source": str(gguf), "replicas": 1})
-        # "bench" stands for an engine that keeps connections (vLLM, SGLang); "bench-llama"
-        # for llama.cpp, which closes a connection after each stream.
-        model["backend"] = backend or "vllm"
+        model = build_model_record({"name": name, "source": source, "replicas": 1})
+        # Routing reads the backend for one thing: whether the engine keeps a connection
+        # after a stream (vLLM, SGLang) or closes it (llama.cpp).
+        model["backend"] = backend
         await store.submit({"op": "create_model", "model": model})
         await store.submit({"op": "create_instance", "instance": instance_record(
             f"{name}-1", name, "running", node_id, port=port)})
@@ -167,19 +193,24 @@ async def gateway_app(engine_port: int, llama_port: int | None, workdir: Path,
     return app
 
 
-def serve(role: str, port: int, engine_port: int, llama_port: int, workdir: Path,
-          profile: bool) -> None:
+def serve(role: str, port: int, engine_port: int, closing_port: int, llama_port: int,
+          workdir: Path, profile: bool) -> None:
     async def main() -> None:
         if role == "engine":
             app = engine_app()
+        elif role == "closing-engine":
+            app = engine_app(close_streams=True)
         elif role == "relay":
             app = relay_app(f"http://127.0.0.1:{engine_port}")
         else:
-            app = await gateway_app(engine_port, llama_port or None, workdir,
+            app = await gateway_app(engine_port, closing_port, llama_port or None, workdir,
                                     workdir / "keys.json")
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+        if role == "gateway":
+            from gpumesh.mesh.daemon import freeze_startup_heap
+            freeze_startup_heap()            # as the daemon does once it has started
         print("ready", flush=True)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -195,27 +226,45 @@ def serve(role: str, port: int, engine_port: int, llama_port: int, workdir: Path
     profiler.enable()
     asyncio.run(main())
     profiler.disable()
+    if os.environ.get("PROFILE_OUT"):
+        profiler.dump_stats(f"{os.environ['PROFILE_OUT']}.{role}")
     stats = pstats.Stats(profiler, stream=sys.stderr)
-    stats.sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(os.environ.get("PROFILE_FILTER", ""), int(os.environ.get("PROFILE_N", "25")))
+    stats.sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(
+        os.environ.get("PROFILE_FILTER", ""), int(os.environ.get("PROFILE_N", "25")))
 
 
 class Server:
-    def __init__(self, role: str, *, engine_port: int = 0, llama_port: int = 0,
-                 workdir: Path | None = None, profile: bool = False) -> None:
+    """One server process (`--serve ROLE PORT`), started and ready."""
+
+    def __init__(self, role: str, *, engine_port: int = 0, closing_port: int = 0,
+                 llama_port: int = 0, workdir: Path | None = None,
+                 profile: bool = False) -> None:
         from harness import free_port
+        self.role = role
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
         argv = [sys.executable, __file__, "--serve", role, str(self.port),
-                "--engine-port", str(engine_port), "--llama-port", str(llama_port),
+                "--engine-port", str(engine_port), "--closing-port", str(closing_port),
+                "--llama-port", str(llama_port),
                 "--workdir", str(workdir or tempfile.gettempdir())]
         if profile:
             argv.append("--profile")
+        # Its stderr goes to a file (a pipe nobody reads could fill and stall it): shown when
+        # it fails to start, and the profile is read from it at the end.
+        self.stderr = tempfile.TemporaryFile(mode="w+", prefix=f"gpumesh-bench-{role}-")
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
-                                        stderr=None if profile else subprocess.DEVNULL)
+                                        stderr=self.stderr)
         line = self.process.stdout.readline() if self.process.stdout else ""
         if line.strip() != "ready":
-            raise RuntimeError(f"{role} did not start")
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"{role} did not start (exit {self.process.returncode}):\n"
+                               + self.errors(4000))
+
+    def errors(self, tail: int) -> str:
+        """The end of what the server wrote to stderr."""
+        self.stderr.seek(0)
+        return self.stderr.read()[-tail:]
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -223,24 +272,26 @@ class Server:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 # --- the load ------------------------------------------------------------------------------------
 
 async def load(url: str, clients: int, requests: int, stream: bool, key: str | None,
-               model: str = "bench", close: bool = False) -> dict[str, float]:
-    """A closed loop: `clients` workers share `requests` requests; latencies in ms.
-    `close`: a connection per request (llama.cpp closes streamed ones anyway)."""
+               model: str = "bench", pid: int | None = None,
+               deadline: float = float("inf")) -> dict[str, float]:
+    """A closed loop: `clients` workers share `requests` requests (until `deadline`, a
+    time.perf_counter() value); latencies in ms, and the CPU time process `pid` spent per
+    request while they ran (after a short warm-up that opens the clients' connections,
+    which neither figure counts)."""
     body = json.dumps({**CHAT, "model": model, "stream": stream}).encode()
     headers = {"Content-Type": "application/json"}
-    if close:
-        headers["Connection"] = "close"
     if key:
         headers["Authorization"] = f"Bearer {key}"
     latencies: list[float] = []
     errors = 0
-    left = requests
-    deadline = time.perf_counter() + DEADLINE_S
+    left = 0
+    deadline = min(deadline, time.perf_counter() + DEADLINE_S)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal left, errors
@@ -256,45 +307,84 @@ async def load(url: str, clients: int, requests: int, stream: bool, key: str | N
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(min(clients, 4))))   # warm up
+        left = min(requests, max(2 * clients, 30))            # warm-up
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
         latencies.clear()
+        errors = 0
         left = requests
+        cpu_before = cpu_seconds(pid) if pid else 0.0
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(clients)))
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(pid) - cpu_before if pid else None
+    if not latencies:
+        return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": errors,
+                "n": 0}
     ordered = sorted(latencies)
-    return {"rps": len(latencies) / elapsed, "p50": statistics.median(ordered),
-            "mean": statistics.fmean(ordered),
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-            "errors": errors, "n": len(latencies)}
+    result = {"rps": len(latencies) / elapsed, "p50": statistics.median(ordered),
+              "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+              "errors": errors, "n": len(latencies)}
+    if cpu is not None:
+        result["cpu_us"] = cpu / len(latencies) * 1e6
+    return result
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of process `pid`, all its threads: nanoseconds from each thread's schedstat
+    where the kernel has them (a clock tick, 10 ms, is coarse for a few hundred requests),
+    else user + system ticks from /proc/PID/stat."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(server: "Server | None", url: str, clients: int, requests: int, stream: bool,
-             key: str | None, model: str, rounds: int, close: bool = False) -> dict[str, float]:
-    """The median round of `rounds` (this machine is shared: single runs are noisy), with
-    the server process's CPU time per request, which noise on wall-clock time spares."""
-    results = []
+@dataclass
+class Row:
+    """One way to the engine, a row of the tables."""
+    name: str
+    server: "Server"
+    key: str | None
+    model: str
+    relay: str            # the row this one is compared with (its bare relay)
+    engine: str           # the row whose p50 it adds to
+
+
+def interleaved(paths: list[Row], clients: int, requests: int, stream: bool, rounds: int,
+                deadline: float) -> dict[str, dict[str, float]]:
+    """Each path's median round: rounds go path after path (engine, relay, gateway, engine,
+    …) so that a burst of load from elsewhere on the machine hits all paths alike."""
+    runs: dict[str, list[dict[str, float]]] = {path.name: [] for path in paths}
     for _ in range(rounds):
-        before = cpu_seconds(server.process.pid) if server else 0.0
-        result = asyncio.run(load(url, clients, requests, stream, key, model, close))
-        if server:
-            result["cpu_us"] = (cpu_seconds(server.process.pid) - before) / result["n"] * 1e6
-        results.append(result)
-    return sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+        for path in paths:
+            runs[path.name].append(asyncio.run(load(
+                path.server.url, clients, requests, stream, path.key, path.model,
+                pid=path.server.process.pid, deadline=deadline)))
+    return {name: median_round(results) for name, results in runs.items()}
 
 
-def table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    lines = [f"{'path':<34} {'req/s':>8} {'p50 ms':>8} {'mean ms':>8} {'p99 ms':>8} "
-             f"{'CPU us/req':>10} {'errors':>6}"]
-    for name, r in rows:
-        cpu = f"{r['cpu_us']:>10.0f}" if "cpu_us" in r else f"{'-':>10}"
-        lines.append(f"{name:<34} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['mean']:>8.2f} "
-                     f"{r['p99']:>8.2f} {cpu} {r['errors']:>6.0f}")
+def median_round(results: list[dict[str, float]]) -> dict[str, float]:
+    """The median round by throughput, with the median CPU per request of all rounds."""
+    median = dict(sorted(results, key=lambda r: r["rps"])[len(results) // 2])
+    if all("cpu_us" in r for r in results):
+        median["cpu_us"] = statistics.median(r["cpu_us"] for r in results)
+    return median
+
+
+def table(paths: list[Row], results: dict[str, dict[str, float]]) -> str:
+    lines = [f"  {'path':<36} {'req/s':>7} {'x relay':>7} {'p50 ms':>7} {'+p50 ms':>7} "
+             f"{'p99 ms':>7} {'CPU us/req':>10} {'x relay':>7} {'n':>5} {'err':>4}"]
+    for path in paths:
+        r, relay, engine = results[path.name], results[path.relay], results[path.engine]
+        ratio = r["rps"] / relay["rps"] if relay["rps"] else float("nan")
+        cpu = r.get("cpu_us", float("nan"))
+        cpu_ratio = cpu / relay["cpu_us"] if "cpu_us" in relay else float("nan")
+        added = r["p50"] - engine["p50"]
+        lines.append(f"  {path.name:<36} {r['rps']:>7.0f} {ratio:>7.2f} {r['p50']:>7.2f} "
+                     f"{added:>+7.2f} {r['p99']:>7.2f} {cpu:>10.0f} {cpu_ratio:>7.2f} "
+                     f"{r['n']:>5.0f} {r['errors']:>4.0f}")
     return "\n".join(lines)
 
 
@@ -302,27 +392,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", nargs=2, metavar=("ROLE", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--engine-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--closing-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--llama-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--requests-1", type=int, default=400, help="requests for 1 client")
-    parser.add_argument("--requests-32", type=int, default=2000, help="requests for 32 clients")
+    parser.add_argument("--requests-1", type=int, default=400,
+                        help="requests per round for 1 client (default 400)")
+    parser.add_argument("--requests-32", type=int, default=2000,
+                        help="requests per round for 32 clients (default 2000)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds per figure; the median round is shown (default 3)")
+    parser.add_argument("--budget", type=float, default=150.0,
+                        help="seconds for all the load; later rounds stop early (default 150)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 100 / 300 requests, one round")
     parser.add_argument("--profile", action="store_true", help="profile the gateway process")
+    parser.add_argument("--scenarios", default="plain-1,plain-32,streamed-1,streamed-32",
+                        help="which to run (default: all four)")
     parser.add_argument("--llama", action="store_true",
                         help="also a real llama.cpp engine (tiny model), direct and through")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]), args.engine_port, args.llama_port,
-              Path(args.workdir), args.profile)
+        serve(args.serve[0], int(args.serve[1]), args.engine_port, args.closing_port,
+              args.llama_port, Path(args.workdir), args.profile)
         return 0
+    if args.quick:
+        args.requests_1, args.requests_32, args.rounds = 100, 300, 1
 
     workdir = Path(tempfile.mkdtemp(prefix="gpumesh-bench-gateway-"))
     servers: list[Server] = []
     llama = None
+    gateway: Server | None = None
     try:
         engine = Server("engine")
         servers.append(engine)
+        closing = Server("closing-engine")
+        servers.append(closing)
         llama_port = 0
         if args.llama:
             from gateway_fixtures import LlamaEngine
@@ -333,54 +437,73 @@ def main() -> int:
             llama_port = llama.port
         relay = Server("relay", engine_port=engine.port)
         servers.append(relay)
-        gateway = Server("gateway", engine_port=engine.port, llama_port=llama_port,
-                         workdir=workdir, profile=args.profile)
+        closing_relay = Server("relay", engine_port=closing.port)
+        servers.append(closing_relay)
+        gateway = Server("gateway", engine_port=engine.port, closing_port=closing.port,
+                         llama_port=llama_port, workdir=workdir, profile=args.profile)
         servers.append(gateway)
         keys = json.loads((workdir / "keys.json").read_text())
+        user_key = keys["user"]
         print(f"gpumesh gateway bench · {os.cpu_count()} CPUs · load "
-              f"{os.getloadavg()[0]:.1f} · one process per server and one for the load\n")
-        results: dict[tuple[str, int, bool], dict[str, float]] = {}
+              f"{os.getloadavg()[0]:.1f} · a process per server and one for the load · "
+              f"{args.rounds} round(s) per figure, the median shown\n"
+              "x relay: throughput (or CPU per request) over the bare relay's; +p50: what "
+              "the path adds to the engine's own p50\n")
+        deadline = time.perf_counter() + args.budget
+        keeping = [Row("engine direct", engine, None, "bench", "bare aiohttp relay",
+                         "engine direct"),
+                   Row("bare aiohttp relay", relay, None, "bench", "bare aiohttp relay",
+                         "engine direct"),
+                   Row("gpumesh gateway", gateway, user_key, "bench", "bare aiohttp relay",
+                         "engine direct")]
+        closing_paths = [
+            Row("llama.cpp-style engine direct", closing, None, "bench",
+                  "llama.cpp-style bare relay", "llama.cpp-style engine direct"),
+            Row("llama.cpp-style bare relay", closing_relay, None, "bench",
+                  "llama.cpp-style bare relay", "llama.cpp-style engine direct"),
+            Row("llama.cpp-style gateway", gateway, user_key, "bench-llama",
+                  "llama.cpp-style bare relay", "llama.cpp-style engine direct")]
+        summary: list[str] = []
         for stream in (False, True):
             for clients, requests in ((1, args.requests_1), (32, args.requests_32)):
-                rows = []
-                for name, server, key, model in (
-                        ("engine direct", engine, None, "bench"),
-                        ("bare aiohttp relay", relay, None, "bench"),
-                        ("gpumesh gateway", gateway, keys["user"], "bench"),
-                        ("gpumesh gateway, llama.cpp-style", gateway, keys["user"],
-                         "bench-llama")):
-                    if model == "bench-llama" and not stream:
-                        continue
-                    result = measured(server, server.url, clients, requests, stream, key,
-                                      model, args.rounds)
-                    results[(name, clients, stream)] = result
-                    rows.append((name, result))
+                scenario = f"{'streamed' if stream else 'plain'}-{clients}"
+                if scenario not in args.scenarios.split(","):
+                    continue
+                paths = keeping + (closing_paths if stream else [])
+                results = interleaved(paths, clients, requests, stream, args.rounds, deadline)
                 print(f"{'streamed' if stream else 'non-streamed'}, {clients} client(s), "
-                      f"{requests} requests")
-                print(table(rows))
-                relay_r = results[("bare aiohttp relay", clients, stream)]
-                gate_r = results[("gpumesh gateway", clients, stream)]
-                engine_r = results[("engine direct", clients, stream)]
-                print(f"  gateway / relay: throughput {gate_r['rps'] / relay_r['rps']:.2f}, "
-                      f"CPU per request {gate_r['cpu_us'] / relay_r['cpu_us']:.2f}; "
-                      f"added p50 vs relay {gate_r['p50'] - relay_r['p50']:+.2f} ms, "
-                      f"vs engine {gate_r['p50'] - engine_r['p50']:+.2f} ms\n")
+                      f"up to {requests} requests per round")
+                print(table(paths, results) + "\n", flush=True)
+                gate, relay_r = results["gpumesh gateway"], results["bare aiohttp relay"]
+                ratio = gate["rps"] / relay_r["rps"] if relay_r["rps"] else float("nan")
+                line = (f"  {scenario:<12} throughput {ratio:.2f} of the relay "
+                        f"({'meets' if ratio >= 0.8 else 'MISSES'} >= 0.8)")
+                if clients == 1:
+                    added = gate["p50"] - results["engine direct"]["p50"]
+                    line += (f"; added p50 {added:+.2f} ms over the engine "
+                             f"({'meets' if added <= 0.7 else 'MISSES'} <= 0.7 ms)")
+                summary.append(line)
+        if summary:
+            print("goals (gateway with auth, routing, limits, metering, metrics; "
+                  "vLLM-style engine):")
+            print("\n".join(summary) + "\n")
         if llama is not None:
-            rows = []
+            real = [Row("llama.cpp direct", llama, None, "tiny", "llama.cpp direct",
+                          "llama.cpp direct"),
+                    Row("llama.cpp via gateway", gateway, user_key, "tiny",
+                          "llama.cpp direct", "llama.cpp direct")]
             for stream in (False, True):
-                for name, server, url, key in (
-                        ("llama.cpp direct", None, llama.url, None),
-                        ("llama.cpp via gateway", gateway, gateway.url, keys["user"])):
-                    result = measured(server, url, 4, 200, stream, key, "tiny", args.rounds,
-                                      close=stream and server is None)
-                    rows.append((f"{name}{', streamed' if stream else ''}", result))
-            print("a real llama.cpp engine (tiny model, 16 tokens), 4 clients, 200 requests")
-            print(table(rows) + "\n")
+                results = interleaved(real, 4, 200, stream, args.rounds, float("inf"))
+                print(f"a real llama.cpp engine (tiny model, 16 tokens), 4 clients, "
+                      f"{'streamed' if stream else 'non-streamed'} (x relay: over direct)")
+                print(table(real, results) + "\n")
     finally:
         for server in reversed(servers):
             server.stop()
         if llama is not None:
             llama.stop()
+        if args.profile and gateway is not None:
+            print(gateway.errors(200_000), file=sys.stderr)      # cProfile's table
     return 0
 
 

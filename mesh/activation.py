@@ -1,7 +1,8 @@
 """On-demand models, the node's side: remember requests, wake a model scaled to zero.
 
-The gateway calls `before_forward(model)` once per request, before it looks for a running
-instance, and `started(model)` / `finished(model)` around each call to an engine. Together
+The gateway calls `before_forward(model)` once per request (as `note`, then `wake` only when
+needed: no coroutine per request), before it looks for a running instance, and
+`started(model)` / `finished(model)` around each call to an engine. Together
 
 * they note times in memory — idleness costs no Raft write per request: `run()` sends one
   `record_activity` per flush interval with every model this node served since the last one.
@@ -64,18 +65,27 @@ class Activation:
     async def before_forward(self, model_name: str) -> bool:
         """Note the request; if the model sleeps, wake it and wait (bounded) for an instance.
         True when it waited: the caller looks at the state again."""
+        if not self.note(model_name):
+            return False
+        await self.wake(model_name)
+        return True
+
+    def note(self, model_name: str) -> bool:
+        """`before_forward` without a coroutine for the usual case: note the request; True
+        when the model sleeps and must be woken (`wake`) before it can answer."""
         self._seen[model_name] = self._clock()
         view = self._store.view
         model = view.models.get(model_name)
-        if model is None or not is_on_demand(model) or _running(view, model_name):
-            return False
+        return not (model is None or not is_on_demand(model) or _running(view, model_name))
+
+    async def wake(self, model_name: str) -> None:
+        """Wake a sleeping model (once, whoever asks) and wait, bounded, for an instance."""
         task = self._waking.get(model_name)
         if task is None or task.done():
             task = asyncio.create_task(self._wake(model_name), name=f"wake-{model_name}")
             self._waking[model_name] = task
         # shield: a client that gives up does not cancel the wait others share
         await asyncio.shield(task)
-        return True
 
     def started(self, model_name: str) -> None:
         """A request to one of the model's engines begins (the gateway's forward). An

@@ -52,6 +52,7 @@ OPEN_PATHS = frozenset({"/api/health", "/metrics", "/api/join"})   # join: a new
 # What a `user` key may do under /api: read about itself.
 USER_API_READS = frozenset({"/api/me", "/api/keys", "/api/usage"})
 _KEY_MAX_CHARS = 256
+_CACHE_MAX = 100_000
 _GUARDED = ("/v1/", "/api/", "/v2/", "/rerank")   # the gateway's and the API's routes
 
 
@@ -124,11 +125,15 @@ def hash_key(key: str) -> str:
 
 def key_from_request(request: web.Request) -> str | None:
     """The bearer token, from `Authorization: Bearer …` (OpenAI clients) or `X-API-Key`."""
-    header = request.headers.get("Authorization", "")
+    return _bearer(request.headers.get("Authorization", "")) or \
+        request.headers.get("X-API-Key") or None
+
+
+def _bearer(header: str) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("X-API-Key") or None
+    return None
 
 
 def engine_key(node_secret: bytes, instance_id: str) -> str:
@@ -177,21 +182,27 @@ class Authenticator:
         # key → Principal (None: no such key), for the keys seen since keys or users last
         # changed. In this process's memory only, as the keys of requests in flight are.
         self._cache: dict[str, Principal | None] = {}
+        # The same for whole `Authorization` headers that held a valid key: the usual
+        # request's lookup is one dict hit, no parsing.
+        self._by_header: dict[str, Principal] = {}
 
     def principal_for(self, key: str) -> Principal | None:
+        self._follow_state()
+        try:
+            return self._cache[key]
+        except KeyError:
+            record = self._keys.get(hash_key(key))
+            principal = principal_of(record, self._users) if record is not None else None
+            if len(self._cache) < _CACHE_MAX:       # unknown keys must not grow it forever
+                self._cache[key] = principal
+            return principal
+
+    def _follow_state(self) -> None:
         view = self._view()
         keys, users = view.api_keys, view.users
         if keys is not self._keys or users is not self._users:
             # Copy-on-write state: a new dict means keys or users changed; rebuild lazily.
-            self._keys, self._users, self._cache = keys, users, {}
-        try:
-            return self._cache[key]
-        except KeyError:
-            record = keys.get(hash_key(key))
-            principal = principal_of(record, users) if record is not None else None
-            if len(self._cache) < 100_000:          # unknown keys must not grow it forever
-                self._cache[key] = principal
-            return principal
+            self._keys, self._users, self._cache, self._by_header = keys, users, {}, {}
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -207,7 +218,7 @@ class Authenticator:
             request[PRINCIPAL] = NODE
             return await handler(request)
         principal = self._check_key(request)
-        if isinstance(principal, web.Response):
+        if type(principal) is not Principal:     # (isinstance of a Response: an ABC check)
             return principal
         if path.startswith("/api/") and not principal.is_admin:
             if not (request.method == "GET" and path in USER_API_READS):
@@ -217,6 +228,23 @@ class Authenticator:
         return await handler(request)
 
     def _check_key(self, request: web.Request) -> Principal | web.Response:
+        self._follow_state()
+        header = request.headers.get("Authorization")
+        principal = self._by_header.get(header) if header is not None else None
+        if principal is None:
+            principal = self._check_new_key(request)
+            if type(principal) is not Principal:
+                return principal
+            if (header is not None and key_from_request(request) == _bearer(header)
+                    and len(self._by_header) < _CACHE_MAX):
+                self._by_header[header] = principal
+        if principal.expires is not None and principal.expires <= time.time():
+            return openai_error(401, f"This API key ({principal.key_id}) expired at "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(principal.expires))}.",
+                                code="invalid_api_key")
+        return principal
+
+    def _check_new_key(self, request: web.Request) -> Principal | web.Response:
         key = key_from_request(request)
         if key is None:
             return openai_error(401, "You didn't provide an API key. Pass it as "
@@ -227,8 +255,4 @@ class Authenticator:
         principal = self.principal_for(key)
         if principal is None:
             return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
-        if principal.expires is not None and principal.expires <= time.time():
-            return openai_error(401, f"This API key ({principal.key_id}) expired at "
-                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(principal.expires))}.",
-                                code="invalid_api_key")
         return principal

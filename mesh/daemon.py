@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -183,6 +184,7 @@ class Daemon:
         try:
             if not await self._until_stopped(self._setup_and_bind(runner), "start-up"):
                 return 1 if not self._stop.is_set() else 0
+            freeze_startup_heap()
             # The CLI reads where this node listens from its data dir (any --api-port).
             self.data.write_endpoint(self.config.api_url, self.config.local_api_url,
                                      self.config.raft_address)
@@ -442,6 +444,15 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     EvaluateApi(store).add_routes(app)          # POST /api/models/evaluate (dry runs)
     SourcesApi(store, node_id).add_routes(app)  # /api/downloads, /api/cache
     return app
+
+
+def freeze_startup_heap() -> None:
+    """What start-up made (modules, the state, the app) lives as long as the process: it is
+    moved out of the garbage collector's sight, so a full collection no longer walks it. On
+    the gateway's hot path a full collection of that heap took ~25 ms (a stall for every
+    request in flight) and about half the collector's time per request."""
+    gc.collect()
+    gc.freeze()
 
 
 def _latest_gpus(app: web.Application) -> list[dict[str, Any]]:

@@ -58,12 +58,14 @@ class Window:
         self.second = now
 
     def add(self, now: int, count: int) -> None:
-        self._advance(now)
+        if now != self.second:
+            self._advance(now)
         self.slots[now % WINDOW_S] += count
         self.total += count
 
     def count(self, now: int) -> int:
-        self._advance(now)
+        if now != self.second:
+            self._advance(now)
         return self.total
 
     def seconds_until_freed(self, now: int, amount: int) -> int:
@@ -109,28 +111,28 @@ class Limiter:
         self._counters: dict[tuple[str, str], Counters] = {}   # ("key"|"users", id) → counts
         self._foreign: dict[tuple[str, str], list[int]] = {}
         self._foreign_basis: tuple[Any, int] = (None, -1)
+        # key id → (its Principal, (scope, id, limits, counters) per limited scope, ticket)
+        self._plans: dict[str, tuple[Principal, tuple[Any, ...], Ticket]] = {}
         self.dirty = False        # something changed since the last report
 
     def admit(self, principal: Principal) -> Ticket | Refusal:
         """Count the request in, or say which limit it is over and when to come back."""
         now = int(self._clock())
         foreign = self._foreign_counts(now)
-        ticket: list[Counters] = []
-        for scope, ident, limits in (("keys", principal.key_id, principal.key_limits),
-                                     ("users", principal.user, principal.user_limits)):
-            if not limits:
-                continue
-            counters = self._counters_of(scope, ident)
+        plan = self._plans.get(principal.key_id)
+        if plan is None or plan[0] is not principal:
+            plan = self._plan(principal)
+        _, scopes, ticket = plan
+        for scope, ident, limits, counters in scopes:
             refusal = self._check(scope, ident, limits, counters, now,
-                                  foreign.get((scope, ident), _ZERO))
+                                  foreign.get((scope, ident), _ZERO) if foreign else _ZERO)
             if refusal is not None:
                 return refusal
-            ticket.append(counters)
         for counters in ticket:
             counters.requests.add(now, 1)
             counters.in_flight += 1
         self.dirty = True
-        return tuple(ticket)
+        return ticket
 
     def finish(self, ticket: Ticket, tokens: int) -> None:
         if not ticket:
@@ -152,10 +154,24 @@ class Limiter:
                 report[scope][ident] = snapshot
             else:
                 del self._counters[(scope, ident)]
+                self._plans.clear()              # they may hold the dropped counters
         self.dirty = False
         return report
 
     # --- internals -------------------------------------------------------------------------
+
+    def _plan(self, principal: Principal) -> tuple[Principal, tuple[Any, ...], Ticket]:
+        """What admit() checks for a principal: its scopes with limits, and their counters
+        (kept per key while its Principal and the counters stay the same objects)."""
+        scopes = tuple((scope, ident, limits, self._counters_of(scope, ident))
+                       for scope, ident, limits in (
+                           ("keys", principal.key_id, principal.key_limits),
+                           ("users", principal.user, principal.user_limits)) if limits)
+        plan = (principal, scopes, tuple(entry[3] for entry in scopes))
+        if len(self._plans) >= 100_000:
+            self._plans.clear()
+        self._plans[principal.key_id] = plan
+        return plan
 
     def _counters_of(self, scope: str, ident: str) -> Counters:
         counters = self._counters.get((scope, ident))

@@ -1,9 +1,10 @@
 """Prometheus `/metrics` on every node, in prometheus_client's text format.
 
-The gateway counts into plain dicts and small fixed-bucket histograms (a bisect and two
-additions per observation, no locks: everything runs on the event loop); prometheus_client
-reads them only when scraped, through a custom collector. So the hot path never pays for
-label lookups, and the exposition follows prometheus_client's conventions exactly.
+The gateway counts into plain ints and small fixed-bucket histograms, one object per (model,
+route) found with one dict lookup (a bisect and a few additions per observation, no locks:
+everything runs on the event loop); prometheus_client reads them only when scraped, through
+a custom collector. So the hot path never pays for label lookups, and the exposition follows
+prometheus_client's conventions exactly.
 
 Series (every one carries `node`):
 - `gpumesh_requests_total{model,route,code}`, counter
@@ -72,17 +73,37 @@ class Histogram:
         return out
 
 
+class ModelSeries:
+    """What is counted per model (whatever the route)."""
+
+    __slots__ = ("ttft", "prompt", "completion", "recent")
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.prompt = 0
+        self.completion = 0
+        self.recent = Window()            # completion tokens over the last minute
+
+
+class RouteSeries:
+    """What is counted per (model, route): answers by status code and their latency."""
+
+    __slots__ = ("codes", "latency", "model")
+
+    def __init__(self, model: ModelSeries) -> None:
+        self.codes: dict[int, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.model = model
+
+
 class GatewayMetrics:
     """What the gateway counts for Prometheus, and the collector that exposes it."""
 
     def __init__(self, node_id: str, gpu_source: GpuSource | None = None) -> None:
         self.node_id = node_id
         self.gpu_source = gpu_source
-        self.requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.ttft: dict[str, Histogram] = {}
-        self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.recent_completion: dict[str, Window] = {}
+        self.models: dict[str, ModelSeries] = {}
+        self.routes: dict[tuple[str, str], RouteSeries] = {}
         self.in_flight: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -92,56 +113,68 @@ class GatewayMetrics:
 
     def observe(self, model: str, route: str, status: int, seconds: float,
                 ttft: float | None, prompt_tokens: int, completion_tokens: int) -> None:
-        self.requests[(model, route, status)] += 1
-        histogram = self.latency.get((model, route))
-        if histogram is None:
-            histogram = self.latency[(model, route)] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(seconds)
+        series = self.routes.get((model, route))
+        if series is None:
+            series = self._new_series(model, route)
+        codes = series.codes
+        codes[status] = codes.get(status, 0) + 1
+        series.latency.observe(seconds)
+        per_model = series.model
         if ttft is not None:
-            first = self.ttft.get(model)
-            if first is None:
-                first = self.ttft[model] = Histogram(TTFT_BUCKETS)
-            first.observe(ttft)
+            per_model.ttft.observe(ttft)
         if prompt_tokens:
-            self.tokens[(model, "prompt")] += prompt_tokens
+            per_model.prompt += prompt_tokens
         if completion_tokens:
-            self.tokens[(model, "completion")] += completion_tokens
-            window = self.recent_completion.get(model)
-            if window is None:
-                window = self.recent_completion[model] = Window()
-            window.add(int(time.time()), completion_tokens)
+            per_model.completion += completion_tokens
+            per_model.recent.add(int(time.time()), completion_tokens)
+
+    def _new_series(self, model: str, route: str) -> RouteSeries:
+        per_model = self.models.get(model)
+        if per_model is None:
+            per_model = self.models[model] = ModelSeries()
+        series = self.routes[(model, route)] = RouteSeries(per_model)
+        return series
 
     # --- scrape time -----------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         node = self.node_id
+        routes = sorted(self.routes.items())
+        models = sorted(self.models.items())
         requests = CounterMetricFamily("gpumesh_requests", "Gateway requests answered",
                                        labels=["node", "model", "route", "code"])
-        for (model, route, code), count in sorted(self.requests.items()):
-            requests.add_metric([node, model, route, str(code)], count)
+        for (model, route), series in routes:
+            for code, count in sorted(series.codes.items()):
+                requests.add_metric([node, model, route, str(code)], count)
         yield requests
         latency = HistogramMetricFamily("gpumesh_request_duration_seconds",
                                         "Time to the whole answer",
                                         labels=["node", "model", "route"])
-        for (model, route), histogram in sorted(self.latency.items()):
-            latency.add_metric([node, model, route], histogram.cumulative(), histogram.total)
+        for (model, route), series in routes:
+            latency.add_metric([node, model, route], series.latency.cumulative(),
+                               series.latency.total)
         yield latency
         ttft = HistogramMetricFamily("gpumesh_time_to_first_token_seconds",
                                      "Time to a stream's first event", labels=["node", "model"])
-        for model, histogram in sorted(self.ttft.items()):
-            ttft.add_metric([node, model], histogram.cumulative(), histogram.total)
+        for model, per_model in models:
+            if per_model.ttft.total or any(per_model.ttft.counts):
+                ttft.add_metric([node, model], per_model.ttft.cumulative(), per_model.ttft.total)
         yield ttft
         tokens = CounterMetricFamily("gpumesh_tokens", "Tokens processed, as engines report",
                                      labels=["node", "model", "type"])
-        for (model, kind), count in sorted(self.tokens.items()):
-            tokens.add_metric([node, model, kind], count)
+        for model, per_model in models:
+            if per_model.completion:
+                tokens.add_metric([node, model, "completion"], per_model.completion)
+            if per_model.prompt:
+                tokens.add_metric([node, model, "prompt"], per_model.prompt)
         yield tokens
         speed = GaugeMetricFamily("gpumesh_completion_tokens_per_second",
                                   "Completion tokens per second over the last minute",
                                   labels=["node", "model"])
         now = int(time.time())
-        for model, window in sorted(self.recent_completion.items()):
-            speed.add_metric([node, model], window.count(now) / WINDOW_S)
+        for model, per_model in models:
+            if per_model.completion:
+                speed.add_metric([node, model], per_model.recent.count(now) / WINDOW_S)
         yield speed
         in_flight = GaugeMetricFamily("gpumesh_requests_in_flight",
                                       "Requests an engine of this node is answering",

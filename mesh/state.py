@@ -163,6 +163,7 @@ class ClusterStore:
         self._change_pending = threading.Event()
         self._membership_lock = asyncio.Lock()
         self._version = 0
+        self._view: StateView | None = None
         self._status = RaftStatus(self_address, None, False, 0, 0, 0, False, False,
                                   (self_address,))
 
@@ -222,7 +223,13 @@ class ClusterStore:
 
     @property
     def view(self) -> StateView:
-        return StateView(self._document.state, self._version)
+        # One StateView per version, not per call: the gateway reads it several times per
+        # request. (It is made anew whenever the state or the version moved.)
+        view = self._view
+        state = self._document.state
+        if view is None or view._state is not state or view.version != self._version:
+            view = self._view = StateView(state, self._version)
+        return view
 
     async def wait_changed(self, version: int, timeout: float | None = None) -> StateView:
         """Return a view newer than `version`, waiting for a change (or the timeout) if needed.

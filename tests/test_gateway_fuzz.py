@@ -129,3 +129,27 @@ def test_a_transcription_form_without_a_readable_model_is_400(node, body) -> Non
     reply = api_call(node.url + "/v1/audio/transcriptions", "POST", node.admin, data=body,
                      headers={"Content-Type": "multipart/form-data; boundary=zz"})
     assert reply.status == 400 and reply.error["param"] == "model", reply
+
+
+def test_the_fast_parser_reads_bodies_as_the_standard_library_does(monkeypatch) -> None:
+    """read_model parses with orjson where it is installed: every body, fuzzed or odd, must
+    name the same model (or be the same 400) as with the standard library alone."""
+    from gpumesh.mesh.gateway import endpoints
+    odd = [b'{"model": "tiny", "x": NaN}', b'{"model": "tiny", "n": 123456789012345678901234567890}',
+           b'{"model": "a", "model": "tiny"}', b'{"model": "\\ud800"}', b'{"model": "t\\u00e9"}',
+           b"[" * 5000 + b"]" * 5000, b'{"model": "tiny"} x', b'  {"model": "tiny"}\n', b"",
+           b'{"model": 5}', b'"tiny"']
+    chat = next(e for e in ENDPOINTS if e.path == "/v1/chat/completions")
+    bodies = odd + [body for body, _ in _fuzz_bodies(7)]
+
+    def outcomes() -> list[object]:
+        out: list[object] = []
+        for body in bodies:
+            parsed = endpoints.read_model(chat, body, "application/json")
+            out.append(parsed[0] if isinstance(parsed, tuple) else parsed.status)
+        return out
+
+    fast = outcomes()
+    monkeypatch.setattr(endpoints, "fast_loads", json.loads)
+    assert fast == outcomes()
+    assert fast[:4] == ["tiny", "tiny", "tiny", "\ud800"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -31,14 +32,15 @@ from aiohttp import web
 
 from gpumesh.modelfiles.kinds import kind_serves
 
-from ..activation import ACTIVATION
+from ..activation import ACTIVATION, Activation
 from ..auth import PRINCIPAL, Principal
 from ..errors import openai_error
 from ..limits import Limiter, Refusal, Ticket
 from ..metering import Meter
 from ..metrics import GatewayMetrics
 from ..state import ClusterStore
-from .endpoints import RERANK, ENDPOINTS, Endpoint, ask_for_usage, plain_documents, read_model
+from .endpoints import (RERANK, ENDPOINTS, Endpoint, ask_for_usage, exact_payload,
+                        plain_documents, read_model)
 from .failover import can_continue, continuation
 from .relay import (RETRY_HEADER, EngineTimeout, Exchange, StreamBroken, StreamWatchdog,
                     TryAnotherInstance, relay_answer)
@@ -69,7 +71,9 @@ class Gateway:
         self._meter = meter
         self._metrics = metrics
         self._settings = settings
-        self._outstanding: Counter[str] = Counter()   # instance id -> requests in flight
+        self._outstanding: dict[str, int] = {}     # instance id -> requests in flight
+        self._loop: asyncio.AbstractEventLoop | None = None     # the app's, once it runs
+        self._activation: Activation | None = None               # the app's, once it runs
         self._watchdog = StreamWatchdog(settings.response_timeout_s,
                                         settings.stream_idle_timeout_s)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
@@ -85,6 +89,8 @@ class Gateway:
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         """The watchdog and the meter's folds run while the app does; the last fold runs
         when it stops (after the site stopped taking requests)."""
+        self._loop = asyncio.get_running_loop()
+        self._activation = app.get(ACTIVATION)
         tasks = [asyncio.create_task(self._watchdog.run(), name="stream-watchdog"),
                  asyncio.create_task(self._meter.run(), name="usage-folds")]
         try:
@@ -109,11 +115,11 @@ class Gateway:
     async def relay(self, request: web.Request) -> web.StreamResponse:
         endpoint = self._endpoints[request.path]
         principal = request[PRINCIPAL]
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         body = await request.read()
         parsed = read_model(endpoint, body, request.headers.get("Content-Type", ""))
-        if isinstance(parsed, web.Response):
-            return parsed
+        if type(parsed) is not tuple:
+            return parsed           # a 400
         model_name, payload = parsed
         route = self._routes.route(model_name)
         if route is None:
@@ -126,11 +132,13 @@ class Gateway:
             return openai_error(400, f"The model '{model_name}' is a {route.kind or 'llm'} "
                                 f"model: it does not serve {endpoint.path}",
                                 code="wrong_model_kind", param="model")
-        if await request.app[ACTIVATION].before_forward(model_name):   # woke it from zero
+        activation = self._activation or request.app[ACTIVATION]
+        if activation.note(model_name):         # asleep (scaled to zero): wake it, wait
+            await activation.wake(model_name)
             route = self._routes.route(model_name) or route
         targets = self._targets(request, principal, route)
-        if isinstance(targets, web.Response):
-            return targets
+        if type(targets) is not list:
+            return targets          # a 403 or 503
         if principal.is_node:     # another gateway of the cluster limited and meters it
             return await self._answer(request, endpoint, targets, body, None,
                                       Exchange(started), forwarded=True)
@@ -138,7 +146,7 @@ class Gateway:
         exchange = Exchange(started)
         response: web.StreamResponse | None = None
         try:
-            if isinstance(ticket, Refusal):
+            if type(ticket) is Refusal:
                 response = openai_error(429, ticket.message, code="rate_limit_exceeded",
                                         param=ticket.limit,
                                         headers={"Retry-After": str(ticket.retry_after_s)})
@@ -164,8 +172,8 @@ class Gateway:
             targets = route.targets
             if len(targets) > 1:
                 outstanding = self._outstanding
-                targets = sorted(targets, key=lambda t: (outstanding[t.instance_id], not t.local,
-                                                         t.instance_id))
+                targets = sorted(targets, key=lambda t: (outstanding.get(t.instance_id, 0),
+                                                         not t.local, t.instance_id))
         if not targets:
             return self._no_instance(route.name, pinned=pinned is not None)
         return targets
@@ -186,13 +194,14 @@ class Gateway:
         last_error = ""
         for target in targets[:self._settings.max_attempts]:
             try:
-                return await self._forward_with_retry(request, endpoint, target, body,
-                                                      content_type, exchange)
+                return await self._forward(request, endpoint, target, body, content_type,
+                                           exchange)
             except StreamBroken as broken:
                 if forwarded or payload is None:
                     return self._cut(request, broken, exchange)
-                return await self._continue(request, endpoint, payload, targets, target,
-                                            broken, exchange)
+                # The continuation re-encodes the request: from an exact parse of it.
+                return await self._continue(request, endpoint, exact_payload(body), targets,
+                                            target, broken, exchange)
             except EngineTimeout:
                 # It has the request and may still be working on it: not sent elsewhere.
                 return openai_error(504, f"instance {target.instance_id} did not answer within "
@@ -207,55 +216,36 @@ class Gateway:
                             f"({last_error})", type_="server_error", code="upstream_unreachable",
                             headers={RETRY_HEADER: "another-instance"})
 
-    async def _forward_with_retry(self, request: web.Request, endpoint: Endpoint,
-                                  target: Target, body: bytes, content_type: str,
-                                  exchange: Exchange,
-                                  response: web.StreamResponse | None = None
-                                  ) -> web.StreamResponse:
-        """Forward once more if a pooled connection turns out to be stale.
-
-        Engines close idle keep-alive connections on their own schedule; a request that took
-        such a connection from the pool fails before its first byte. That says nothing about
-        the engine, so it is retried on the same instance. Failing to connect at all
-        (ClientConnectorError, a connect timeout) does say the engine is not there.
-        """
-        try:
-            return await self._forward(request, endpoint, target, body, content_type,
-                                       exchange, response)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError):
-            raise
-        except aiohttp.ClientConnectionError as exc:
-            log.debug("instance %s: stale pooled connection (%s); retrying",
-                      target.instance_id, exc)
-            return await self._forward(request, endpoint, target, body, content_type,
-                                       exchange, response, fresh=True)
-
     async def _forward(self, request: web.Request, endpoint: Endpoint, target: Target,
                        body: bytes, content_type: str, exchange: Exchange,
-                       response: web.StreamResponse | None,
-                       fresh: bool = False) -> web.StreamResponse:
-        headers = {"Content-Type": content_type, **target.headers}
-        if fresh or (exchange.streamed and not target.keeps_stream_connections):
+                       response: web.StreamResponse | None = None) -> web.StreamResponse:
+        if content_type == "application/json":
+            headers = target.json_headers           # made once per target, never changed
+        else:
+            headers = {**target.json_headers, "Content-Type": content_type}
+        if exchange.streamed and not target.keeps_stream_connections:
             # The engine answers `Connection: close`: this connection never enters the pool.
-            headers["Connection"] = "close"
-        exchange.instance, exchange.served_by = target.instance_id, target.node_id
-        activation = request.app[ACTIVATION]
+            headers = {**headers, "Connection": "close"}
+        instance = target.instance_id
+        exchange.instance, exchange.served_by = instance, target.node_id
+        activation = self._activation or request.app[ACTIVATION]
         activation.started(target.model)        # an on-demand model is busy until it ends
-        self._outstanding[target.instance_id] += 1
+        outstanding = self._outstanding
+        outstanding[instance] = outstanding.get(instance, 0) + 1
+        in_flight = self._metrics.in_flight
         if target.local:
-            self._metrics.in_flight[(target.model, target.instance_id)] += 1
-        loop = asyncio.get_running_loop()
-        self._watchdog.watch(exchange, loop.time())
+            in_flight[target.series] += 1
+        self._watchdog.watch(exchange, time.monotonic(), asyncio.current_task(self._loop))
         try:
-            upstream = await self._begin(target.base_url + endpoint.upstream, body, headers,
-                                         exchange)
+            upstream = await self._send(target, target.base_url + endpoint.upstream, body,
+                                        headers, exchange)
             try:
                 if not target.local and RETRY_HEADER in upstream.headers:
                     # The peer says its instance is gone and nothing was sent.
                     raise TryAnotherInstance(f"node {target.node_id}: HTTP {upstream.status}, "
                                              "its instance is gone")
                 exchange.upstream = upstream
-                exchange.last_read_at = loop.time()
+                exchange.last_read_at = time.monotonic()
                 return await relay_answer(request, upstream, exchange, response)
             finally:
                 exchange.upstream = None
@@ -263,21 +253,41 @@ class Gateway:
         finally:
             activation.finished(target.model)
             self._watchdog.forget(exchange)
-            self._outstanding[target.instance_id] -= 1
-            if self._outstanding[target.instance_id] <= 0:
-                del self._outstanding[target.instance_id]
+            left = outstanding[instance] - 1
+            if left > 0:
+                outstanding[instance] = left
+            else:
+                del outstanding[instance]
             if target.local:
-                self._metrics.in_flight[(target.model, target.instance_id)] -= 1
+                in_flight[target.series] -= 1
 
-    async def _begin(self, url: str, body: bytes, headers: dict[str, str],
-                     exchange: Exchange) -> aiohttp.ClientResponse:
-        """Send the request and wait for the answer's headers. The watchdog cancels the wait
-        after the response timeout (no timer per request: see StreamWatchdog)."""
+    async def _send(self, target: Target, url: str, body: bytes, headers: dict[str, str],
+                    exchange: Exchange) -> aiohttp.ClientResponse:
+        """Send the request and wait for the answer's headers.
+
+        The watchdog cancels the wait after the response timeout (no timer per request: see
+        StreamWatchdog). A pooled connection that turns out to be stale is replaced once:
+        engines close idle keep-alive connections on their own schedule, and a request that
+        took such a connection fails before its first byte. That says nothing about the
+        engine, so it is sent again to the same instance on a fresh connection. Failing to
+        connect at all (ClientConnectorError, a connect timeout) does say the engine is not
+        there: the caller tries another instance.
+        """
         try:
-            return await self._session.post(url, data=body, headers=headers,
-                                            timeout=self._timeout)
+            try:
+                return await self._session.post(url, data=body, headers=headers,
+                                                timeout=self._timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError):
+                raise
+            except aiohttp.ClientConnectionError as exc:
+                log.debug("instance %s: stale pooled connection (%s); retrying",
+                          target.instance_id, exc)
+                exchange.last_read_at = time.monotonic()
+                return await self._session.post(url, data=body,
+                                                headers={**headers, "Connection": "close"},
+                                                timeout=self._timeout)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
+            task = asyncio.current_task(self._loop)
             if not exchange.timed_out or task is None or task.uncancel() > 0:
                 raise               # cancelled for another reason: let it through
             raise EngineTimeout(f"no answer within {self._settings.response_timeout_s:g} s") \
@@ -306,9 +316,8 @@ class Gateway:
                         "on %s", failed.instance_id, plan.tokens_sent, broken, target.instance_id)
             exchange.rewrite = plan.rewrite
             try:
-                return await self._forward_with_retry(request, endpoint, target, plan.body,
-                                                      "application/json", exchange,
-                                                      broken.response)
+                return await self._forward(request, endpoint, target, plan.body,
+                                           "application/json", exchange, broken.response)
             except StreamBroken as again:
                 broken, failed = again, target
             except (aiohttp.ClientError, TryAnotherInstance) as exc:
@@ -343,7 +352,7 @@ class Gateway:
         ttft = (exchange.first_chunk_at - exchange.started
                 if exchange.streamed and exchange.first_chunk_at is not None else None)
         self._metrics.observe(route.name, endpoint.path, status,
-                              asyncio.get_running_loop().time() - exchange.started, ttft,
+                              time.monotonic() - exchange.started, ttft,
                               exchange.prompt_tokens, completion)
 
     # --- helpers ---------------------------------------------------------------------------

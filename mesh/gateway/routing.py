@@ -31,6 +31,14 @@ class Target:
     local: bool
     headers: dict[str, str]       # the engine key, or the forward token and the instance
     keeps_stream_connections: bool
+    # Made once here, not per request: the headers of a JSON request to it (never mutated:
+    # aiohttp copies them), and its key in the in-flight gauge.
+    json_headers: dict[str, str] = field(init=False)
+    series: tuple[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.json_headers = {"Content-Type": "application/json", **self.headers}
+        self.series = (self.model, self.instance_id)
 
 
 @dataclass(slots=True)
