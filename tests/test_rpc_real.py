@@ -59,15 +59,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(workdir: Path) -> Path:
+def binaries() -> tuple[str, str]:
+    """Asked first, so that without a build the tests skip before writing the 216 MB model."""
+    return _binaries()
+
+
+@pytest.fixture(scope="module")
+def model(workdir: Path, binaries: tuple[str, str]) -> Path:
     # 16 layers of 512 wide, all F32: ~216 MB, so a share of it is plain in any RSS figure.
     return write_tiny_gguf(workdir / "wide.gguf", n_layer=16, n_embd=512, n_head=8,
                            n_head_kv=8, n_ff=1536, context_length=512)
 
 
 @pytest.fixture(scope="module")
-def cluster(workdir: Path, model: Path) -> Iterator[Cluster]:
-    server, rpc = _binaries()
+def cluster(workdir: Path, model: Path, binaries: tuple[str, str]) -> Iterator[Cluster]:
+    server, rpc = binaries
     need = Requirement.of({"name": "wide", "backend": "llama.cpp",
                            "estimate": estimate_memory(model).to_dict()}).need("cpu")
     limit_mib = math.ceil(need * NODE_SHARE / MiB)
