@@ -19,13 +19,13 @@ from aiohttp import web
 
 from gpumesh import __version__
 
-from .api_access import json_object
-from .errors import openai_error, write_unavailable
+from .api_common import json_object, submit_or_error
+from .errors import openai_error
 from .scheduler.architectures import architecture_check
 from .scheduler.demand import is_on_demand
 from .deployments import DeploymentError, build_model_record, validate_replicas
 from .sources.routes import MODEL_CACHE
-from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
+from .state import ClusterStore, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
 
@@ -145,12 +145,7 @@ class ManagementApi:
                                  status=202)
 
     async def _submit(self, command: dict[str, Any]) -> dict[str, Any] | web.Response:
-        try:
-            return await self._store.submit(command)
-        except CommandRejected as exc:
-            return openai_error(_REJECTION_STATUS.get(exc.code, 409), str(exc), code=exc.code)
-        except StateUnavailable as exc:
-            return write_unavailable(exc)
+        return await submit_or_error(self._store, command, _REJECTION_STATUS)
 
 
 def model_summary(view: StateView, name: str) -> dict[str, Any]:

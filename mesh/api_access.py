@@ -14,10 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
+from .api_common import json_object, submit_or_error
 from .auth import PRINCIPAL, ROLES, USER, new_api_key, new_user, owner_of
 from .commands.users import LIMIT_FIELDS
-from .errors import openai_error, write_unavailable
-from .state import ClusterStore, CommandRejected, StateUnavailable
+from .errors import openai_error
+from .state import ClusterStore
 
 __all__ = ["AccessApi", "public_key"]
 
@@ -160,12 +161,7 @@ class AccessApi:
             web.json_response({"revoked": key_id})
 
     async def _submit(self, command: dict[str, Any]) -> dict[str, Any] | web.Response:
-        try:
-            return await self._store.submit(command)
-        except CommandRejected as exc:
-            return openai_error(_REJECTION_STATUS.get(exc.code, 409), str(exc), code=exc.code)
-        except StateUnavailable as exc:
-            return write_unavailable(exc)
+        return await submit_or_error(self._store, command, _REJECTION_STATUS)
 
 
 def public_key(record: dict[str, Any]) -> dict[str, Any]:
@@ -214,14 +210,3 @@ def _expiry(body: dict[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= time.time():
         raise InvalidRequest("expires must be a unix time in the future", "expires")
     return float(value)
-
-
-async def json_object(request: web.Request) -> dict[str, Any] | web.Response:
-    """The body as a JSON object, or a 400 (also for nesting too deep to parse)."""
-    try:
-        body = await request.json()
-    except (ValueError, RecursionError):
-        return openai_error(400, "the request body must be JSON")
-    if not isinstance(body, dict):
-        return openai_error(400, "the request body must be a JSON object")
-    return body

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from gpumesh import __version__
 
-from .errors import openai_error, write_unavailable
+from .api_common import submit_or_error
+from .errors import openai_error
 from .joining import (DEFAULT_TOKEN_TTL_S, JoinError, JoinRequest, join_key, loopback_mismatch,
                       new_token, seal_reply, token_expired)
 from .state import ClusterStore, CommandRejected, StateUnavailable
@@ -34,6 +35,7 @@ _MEMBERSHIP_TIMEOUT_S = 15.0
 _LEADER_TRANSFER_S = 5.0
 _REMOVAL_NOTICE_S = 0.5          # five Raft heartbeats
 _TOKEN_CATCH_UP_S = 1.0
+_REJECTION_STATUS = {"node_not_found": 404}
 
 
 @dataclass(frozen=True)
@@ -311,13 +313,7 @@ class ClusterApi:
             return _unavailable(f"the leader ({url}) did not answer: {exc}")
 
     async def _submit(self, command: dict[str, Any]) -> dict[str, Any] | web.Response:
-        try:
-            return await self._store.submit(command)
-        except CommandRejected as exc:
-            return openai_error(404 if exc.code == "node_not_found" else 409, str(exc),
-                                code=exc.code)
-        except StateUnavailable as exc:
-            return write_unavailable(exc)
+        return await submit_or_error(self._store, command, _REJECTION_STATUS)
 
 
 def _connected(status: Any, address: str) -> bool:

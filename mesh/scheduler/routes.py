@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from aiohttp import web
 
+from ..api_common import json_object
 from ..deployments import DeploymentError, build_model_record
 from ..errors import openai_error
 from ..sources.routes import MODEL_CACHE
@@ -34,12 +34,9 @@ class EvaluateApi:
         app.router.add_post("/api/models/evaluate", self.evaluate)
 
     async def evaluate(self, request: web.Request) -> web.Response:
-        try:
-            spec: Any = await request.json()
-        except ValueError:
-            return openai_error(400, "the request body must be JSON")
-        if not isinstance(spec, dict):
-            return openai_error(400, "the request body must be a JSON object")
+        spec = await json_object(request)
+        if isinstance(spec, web.Response):
+            return spec
         try:
             # The same default engine as a deploy would get (it depends on the nodes).
             nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
