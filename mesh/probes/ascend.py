@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .tools import ToolProbe, boxed_rows, is_device_record, mib, number
+from .tools import ToolProbe, mib, number, two_row_devices
 from .types import GpuDevice
 
 __all__ = ["AscendProbe", "parse_npu_smi_info", "parse_npu_smi_mapping"]
@@ -51,10 +51,7 @@ def parse_npu_smi_info(text: str, mapping: dict[tuple[int, int], tuple[int, str]
     when the map is empty: npu-smi releases without `-m`)."""
     has_hbm = "HBM-Usage" in text.split("Process id")[0]
     devices: list[GpuDevice] = []
-    for record in boxed_rows(text, stop="Process id"):
-        if len(record) != 2 or not is_device_record(record) or len(record[0]) < 3:
-            continue
-        first, second = record
+    for first, second in two_row_devices(text, stop="Process id"):
         npu_fields = first[0].split()
         chip_fields = second[0].split()
         npu, chip = int(npu_fields[0]), int(chip_fields[0]) if chip_fields else 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from .tools import ToolProbe, boxed_rows, is_device_record, number
+from .tools import ToolProbe, number, two_row_devices
 from .types import GpuDevice
 
 __all__ = ["CambriconProbe", "parse_cnmon"]
@@ -38,10 +38,7 @@ class CambriconProbe(ToolProbe):
 
 def parse_cnmon(text: str) -> list[GpuDevice]:
     devices = []
-    for record in boxed_rows(text, stop="Processes:"):
-        if len(record) != 2 or not is_device_record(record) or len(record[0]) < 3:
-            continue
-        first, second = record
+    for first, second in two_row_devices(text, stop="Processes:"):
         head = first[0].split()
         index = int(head[0])
         # "0 / MLU370-X8 v1.1.6": the VF column is "/" when the card is not split.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .tools import ToolProbe, boxed_rows, is_device_record, mib, number
+from .tools import ToolProbe, number, two_row_devices
 from .types import GpuDevice
 
 __all__ = ["MetaxProbe", "parse_mx_smi"]
@@ -34,10 +34,7 @@ class MetaxProbe(ToolProbe):
 
 def parse_mx_smi(text: str) -> list[GpuDevice]:
     devices = []
-    for record in boxed_rows(text, stop="Process:"):
-        if len(record) != 2 or not is_device_record(record) or len(record[0]) < 3:
-            continue
-        first, second = record
+    for first, second in two_row_devices(text, stop="Process:"):
         head = first[0].split()
         index, name = int(head[0]), " ".join(head[1:-1]) or "MetaX GPU"
         memory = _USED_TOTAL.search(second[1])

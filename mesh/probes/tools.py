@@ -14,7 +14,6 @@ that lack the hardware, which is nearly all of them, `open_probe("auto")` stays 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import os
 import re
 import signal
@@ -25,14 +24,15 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 from .cpu import CpuProbe
-from .types import GpuDevice, NodeInventory, Probe, ProbeError, ProbeUnavailable, select_gpus
+from .types import GpuDevice, ProbeError, ProbeUnavailable, select_gpus
+from .vendor import GpuProbe
 
-__all__ = ["ToolProbe", "boxed_rows", "is_device_record", "mib", "number"]
+__all__ = ["ToolProbe", "boxed_rows", "is_device_record", "mib", "number", "two_row_devices"]
 
 TOOL_TIMEOUT_S = 10.0        # npu-smi takes ~1 s on a busy 8-NPU node; a hung driver never returns
 
 
-class ToolProbe(Probe):
+class ToolProbe(GpuProbe):
     """A probe that runs ``tool`` for each reading.
 
     Subclasses set ``name`` (the probe kind), ``label`` (for messages), ``tool`` (the
@@ -93,19 +93,8 @@ class ToolProbe(Probe):
             raise ProbeError(f"`{shown}` exited with status {process.returncode}: {said}")
         return stdout
 
-    def inventory(self) -> NodeInventory:
-        with self._lock:
-            if self._closed:
-                raise ProbeError(f"the {self.label} probe is closed")
-            gpus = tuple(d for d in self.read_devices() if d.index in self._offered)
-        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._cpu.close()
+    def _read_gpus(self) -> tuple[GpuDevice, ...]:
+        return tuple(d for d in self.read_devices() if d.index in self._offered)
 
 
 # --- parsing helpers ---------------------------------------------------------------------------
@@ -152,3 +141,11 @@ def boxed_rows(text: str, *, stop: str) -> Iterator[list[list[str]]]:
 
 def is_device_record(record: list[list[str]]) -> bool:
     return bool(record and record[0] and record[0][0][:1].isdigit())
+
+
+def two_row_devices(text: str, *, stop: str) -> Iterator[tuple[list[str], list[str]]]:
+    """The device records of a boxed table that prints each device in two rows (npu-smi,
+    cnmon, mx-smi), as (first row, second row); header boxes and other shapes are skipped."""
+    for record in boxed_rows(text, stop=stop):
+        if len(record) == 2 and is_device_record(record) and len(record[0]) >= 3:
+            yield record[0], record[1]

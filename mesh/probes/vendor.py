@@ -1,8 +1,12 @@
-"""What the NVIDIA and AMD probes share: opened devices, one lock, the CPU figures merged in.
+"""What the GPU probes share, and what the NVIDIA and AMD probes share besides.
 
-A vendor probe opens its library, lists its devices once (`_open_devices`), reads them on
-each `inventory()` (`_read`), and closes the library once (`_shutdown`). The lock keeps a
-close from racing a read on the polling thread; a failed open undoes the library's init.
+`GpuProbe`: one lock, a close that runs once, the CPU figures merged into every inventory;
+the base of `VendorProbe` and of `tools.ToolProbe` (the probes that run a vendor's tool).
+The lock keeps a close from racing a read on the polling thread.
+
+A vendor probe (`VendorProbe`) opens its library, lists its devices once (`_open_devices`),
+reads them on each `inventory()` (`_read`), and closes the library once (`_shutdown`); a
+failed open undoes the library's init.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 from .cpu import CpuProbe
 from .types import GpuDevice, NodeInventory, Probe, ProbeError, select_gpus
 
-__all__ = ["OpenedDevice", "VendorProbe"]
+__all__ = ["GpuProbe", "OpenedDevice", "VendorProbe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +30,38 @@ class OpenedDevice:
     uuid: str
 
 
-class VendorProbe(Probe):
-    label: str = ""   # "NVIDIA", "AMD": for messages
+class GpuProbe(Probe):
+    """Set ``_lock``, ``_closed`` and ``_cpu`` when opening; implement `_read_gpus`."""
+
+    label: str = ""   # "NVIDIA", "Ascend": for messages
+    _lock: threading.Lock
+    _closed: bool
+    _cpu: CpuProbe
+
+    def inventory(self) -> NodeInventory:
+        with self._lock:
+            if self._closed:
+                raise ProbeError(f"the {self.label} probe is closed")
+            gpus = self._read_gpus()
+        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shutdown()
+        self._cpu.close()
+
+    @abc.abstractmethod
+    def _read_gpus(self) -> tuple[GpuDevice, ...]:
+        """One reading of every offered device (under the lock; raises ProbeError)."""
+
+    def _shutdown(self) -> None:
+        """Release what the probe holds besides the CPU probe (nothing, unless overridden)."""
+
+
+class VendorProbe(GpuProbe):
 
     def _open(self, cpu: CpuProbe | None, gpus: tuple[int, ...] | None = None) -> None:
         """Call once the vendor library is initialised; undoes that init if listing fails.
@@ -47,20 +81,8 @@ class VendorProbe(Probe):
     def device_count(self) -> int:
         return len(self._devices)
 
-    def inventory(self) -> NodeInventory:
-        with self._lock:
-            if self._closed:
-                raise ProbeError(f"the {self.label} probe is closed")
-            gpus = tuple(self._read(device) for device in self._devices)
-        return dataclasses.replace(self._cpu.inventory(), gpus=gpus, probe=self.name)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._shutdown()
-        self._cpu.close()
+    def _read_gpus(self) -> tuple[GpuDevice, ...]:
+        return tuple(self._read(device) for device in self._devices)
 
     @abc.abstractmethod
     def _open_devices(self) -> list[OpenedDevice]:
