@@ -7,7 +7,7 @@ from typing import Any
 from gpumesh import __version__
 
 from .config import Config
-from .scheduler import format_bytes
+from .sizes import format_bytes
 from .state import ClusterStore
 
 __all__ = ["print_banner"]

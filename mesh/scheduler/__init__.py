@@ -8,8 +8,8 @@
 - `explain`: the words.
 """
 
+from ..sizes import format_bytes
 from .capacity import Booking, ClusterIndex, bookings_of
-from .explain import format_bytes
 from .placement import Placement, Scheduler, Unschedulable
 from .requirement import DEVICES, ENGINES, POLICIES, EngineTraits, Requirement
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..sizes import format_bytes
 from .architectures import architecture_check
 from .capacity import ClusterIndex
 from .demand import is_on_demand, plan_eviction
-from .explain import format_bytes
 from .placement import Placement, Scheduler, Unschedulable
 
 __all__ = ["evaluate"]

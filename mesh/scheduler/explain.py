@@ -1,4 +1,4 @@
-"""Words for placement decisions: sizes, counts, and why a model cannot be placed."""
+"""Words for placement decisions: counts, and why a model cannot be placed."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ if TYPE_CHECKING:
     from .capacity import ClusterIndex
     from .requirement import Requirement
 
-__all__ = ["count_words", "describe_unschedulable", "format_bytes", "gpu_words"]
+__all__ = ["count_words", "describe_unschedulable", "gpu_words"]
 
 _WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
           8: "eight", 9: "nine"}
 # Reasons name at most this many nodes per kind; the rest are counted.
 _NAMED_NODES = 3
-
-
-def format_bytes(count: int) -> str:
-    """1536 -> '1.5 KiB'; words for people, exact numbers stay in the API."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def count_words(n: int) -> str:

@@ -24,8 +24,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from ..sizes import format_bytes
 from .capacity import MAX_GPUS_PER_NODE, Booking, ClusterIndex, GpuSlot, NodeSlot
-from .explain import count_words, describe_unschedulable, format_bytes, gpu_words
+from .explain import count_words, describe_unschedulable, gpu_words
 from .requirement import Requirement
 
 __all__ = ["Placement", "Scheduler", "Unschedulable"]

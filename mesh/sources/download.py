@@ -26,12 +26,13 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
+from ..sizes import format_bytes
 from .hubs import Hub, RemoteFile
 from .progress import BOARD
 from .select import Selection
 from .spec import SourceError, describe_source
 
-__all__ = ["download_selection", "format_size"]
+__all__ = ["download_selection"]
 
 log = logging.getLogger("gpumesh.sources")
 
@@ -93,8 +94,8 @@ def _fetch(hub: Hub, source: dict[str, Any], remote: RemoteFile, dest: Path, key
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SourceError(
-                    f"the disk holding {dest.parent} is full: {format_size(_part_size(dest))} "
-                    f"of {format_size(remote.size)} of {remote.path} downloaded; free space "
+                    f"the disk holding {dest.parent} is full: {format_bytes(_part_size(dest))} "
+                    f"of {format_bytes(remote.size)} of {remote.path} downloaded; free space "
                     "(`gpumesh models cache rm`) and the download resumes from there") from None
             if not isinstance(exc, _RETRYABLE):
                 raise SourceError(f"downloading {remote.path} failed: {exc}") from None
@@ -108,8 +109,8 @@ def _fetch(hub: Hub, source: dict[str, Any], remote: RemoteFile, dest: Path, key
         _retry_later(key, remote, attempt, ConnectionError("the connection ended early"))
     else:
         raise SourceError(f"downloading {remote.path} from {source['repo']} failed after "
-                          f"{_ATTEMPTS} attempts ({format_size(_part_size(dest))} of "
-                          f"{format_size(remote.size)}); it resumes on the next start")
+                          f"{_ATTEMPTS} attempts ({format_bytes(_part_size(dest))} of "
+                          f"{format_bytes(remote.size)}); it resumes on the next start")
     _verify(part, remote, hasher, key)
     os.replace(part, dest)
 
@@ -166,16 +167,7 @@ def _check_disk(folder: Path, needed: int) -> None:
     margin = min(_MARGIN_BYTES, int(usage.total * _MARGIN_SHARE))
     if needed + margin > usage.free:
         free = usage.free
-        raise SourceError(f"not enough disk for the download: it needs {format_size(needed)} "
-                          f"more (plus {format_size(margin)} kept free) on the disk "
-                          f"holding {folder}, which has {format_size(free)} free; free space "
+        raise SourceError(f"not enough disk for the download: it needs {format_bytes(needed)} "
+                          f"more (plus {format_bytes(margin)} kept free) on the disk "
+                          f"holding {folder}, which has {format_bytes(free)} free; free space "
                           "(`gpumesh models cache rm`) and start again")
-
-
-def format_size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
