@@ -1,8 +1,9 @@
-"""The console's own widgets: the view bar, fixed-scale braille charts, and keyed table sync."""
+"""The console's own widgets: the view bar, fixed-scale braille charts, row tables and their
+keyed sync."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -11,7 +12,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import CellDoesNotExist
 
-__all__ = ["BrailleChart", "NavBar", "VIEWS", "cursor_key", "sync_rows"]
+__all__ = ["BrailleChart", "NavBar", "VIEWS", "cursor_key", "row_table", "sync_rows"]
 
 # (mode, digit, label): the views, in the order the digits switch between them.
 VIEWS = (("cluster", "1", "Cluster"), ("gpus", "2", "GPUs"), ("models", "3", "Models"),
@@ -114,6 +115,16 @@ def _braille_row(levels: list[int | None], row: int, height: int) -> str:
                 code |= bits[dot]
         cells.append(chr(0x2800 + code) if code else " ")
     return "".join(cells)
+
+
+def row_table(table_id: str, columns: Sequence[str],
+              widths: Mapping[str, int] | None = None) -> DataTable:
+    """A table the views fill with `sync_rows`: a row cursor, zebra stripes, one column per
+    name (the name is its key; `widths` fixes some)."""
+    table: DataTable = DataTable(id=table_id, cursor_type="row", zebra_stripes=True)
+    for column in columns:
+        table.add_column(column, key=column, width=(widths or {}).get(column))
+    return table
 
 
 def sync_rows(table: DataTable, rows: Iterable[tuple[str, Sequence[Any]]]) -> None:

@@ -3,13 +3,14 @@ the store (only while the view is on screen: mode screens stay mounted when hidd
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
+from ..client import ApiError
 from ..widgets import NavBar
 
 if TYPE_CHECKING:
@@ -44,6 +45,24 @@ class View(Screen):
     @property
     def filter_text(self) -> str:
         return self.query_one("#filter", Input).value.strip().lower()
+
+    def visible(self, rows: Iterable[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
+        """The rows (key, cells) whose cells match the filter line, in their order."""
+        text = self.filter_text
+        return [(key, cells) for key, cells in rows if matches(text, cells)]
+
+    async def call_api(self, what: str, method: str, path: str, body: Any = None, *,
+                       done: str | None = None, missing: str | None = None) -> None:
+        """One write to the attached node, and how it went in a notification: `done` (else
+        "WHAT: done") for 3 s, or "WHAT failed: ERROR" for 8 s (`missing` instead, when
+        given, for a node too old to have the route)."""
+        try:
+            await self.app.client.request(method, path, json_body=body)
+        except ApiError as exc:
+            message = missing if missing and exc.missing_route else f"{what} failed: {exc}"
+            self.notify(message, severity="error", timeout=8)
+        else:
+            self.notify(done or f"{what}: done", timeout=3)
 
     # --- following the store ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from ..client import ApiError
 from ..format import gib, percent
 from ..modals import ConfirmModal, SecretModal
 from ..table import LiveTable
-from .base import View, matches
+from .base import View
 
 __all__ = ["ClusterView"]
 
@@ -50,11 +50,8 @@ class ClusterView(View):
         model = self.app.model
         self.query_one("#summary", Static).update(self._summary())
         if topics & {"nodes", "raft", "instances", "telemetry"}:
-            rows = []
-            for node in sorted(model.nodes.values(), key=lambda n: n.get("name", n["id"])):
-                cells = self._row(node)
-                if matches(self.filter_text, cells):
-                    rows.append((node["id"], cells))
+            rows = self.visible((node["id"], self._row(node)) for node in
+                                sorted(model.nodes.values(), key=lambda n: n.get("name", n["id"])))
             self.query_one("#nodes", LiveTable).set_rows(rows)
         if "log" in topics:
             lines = model.new_log_lines(self._log_seen)
@@ -122,7 +119,7 @@ class ClusterView(View):
                     "is placed there until it is undrained (d again).")
         if await self.app.push_screen_wait(ConfirmModal(question, yes="Undrain" if undo
                                                         else "Drain", destructive=not undo)):
-            await self._call(f"{'undraining' if undo else 'draining'} {node['name']}", "POST",
+            await self.call_api(f"{'undraining' if undo else 'draining'} {node['name']}", "POST",
                              f"/api/nodes/{node['id']}/drain", {"undo": undo})
 
     @work(group="cluster-actions", exit_on_error=False)
@@ -134,7 +131,7 @@ class ClusterView(View):
                 f"Remove {node['name']} from the cluster? Its instances move elsewhere; to "
                 "come back it needs a wiped data dir and a new join token.", yes="Remove",
                 destructive=True)):
-            await self._call(f"removing {node['name']}", "DELETE", f"/api/nodes/{node['id']}")
+            await self.call_api(f"removing {node['name']}", "DELETE", f"/api/nodes/{node['id']}")
 
     @work(group="cluster-actions", exit_on_error=False)
     async def action_join_token(self) -> None:
@@ -146,15 +143,5 @@ class ClusterView(View):
             return
         await self.app.push_screen_wait(SecretModal(
             reply["token"], "Join token (gpumesh up --join HOST --token TOKEN)"))
-
-    async def _call(self, what: str, method: str, path: str,
-                    body: dict | None = None) -> None:
-        try:
-            await self.app.client.request(method, path, json_body=body)
-        except ApiError as exc:
-            self.notify(f"{what} failed: {exc}", severity="error", timeout=8)
-        else:
-            self.notify(f"{what}: done", timeout=3)
-
     async def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         await self.action_show_gpus()

@@ -14,8 +14,8 @@ from textual.widgets import DataTable, Input, Log
 from ..client import ApiError
 from ..format import span
 from ..modals import ConfirmModal
-from ..widgets import cursor_key, sync_rows
-from .base import View, matches
+from ..widgets import cursor_key, row_table, sync_rows
+from .base import View
 
 __all__ = ["InstancesView"]
 
@@ -37,10 +37,7 @@ class InstancesView(View):
     ]
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable = DataTable(id="instances", cursor_type="row", zebra_stripes=True)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        yield table
+        yield row_table("instances", COLUMNS)
         yield Log(id="log", max_lines=LOG_LINES)
 
     def on_mount(self) -> None:
@@ -51,12 +48,9 @@ class InstancesView(View):
         self.query_one("#log", Log).border_title = "log"
 
     def redraw(self, topics: set[str]) -> None:
-        rows = []
         model = self.app.model
-        for instance in sorted(model.instances.values(), key=lambda i: (i["model"], i["id"])):
-            cells = self._row(instance)
-            if matches(self.filter_text, cells):
-                rows.append((instance["id"], cells))
+        rows = self.visible((instance["id"], self._row(instance)) for instance in
+                            sorted(model.instances.values(), key=lambda i: (i["model"], i["id"])))
         sync_rows(self.query_one("#instances", DataTable), rows)
         self._follow_current()
 
@@ -168,14 +162,10 @@ class InstancesView(View):
                 f"Restart {key}? Requests it is serving now fail.", yes="Restart",
                 destructive=True)):
             return
-        try:
-            await self.app.client.post(f"/api/instances/{key}/restart")
-        except ApiError as exc:
-            message = ("this node has no restart API yet (POST /api/instances/{id}/restart)"
-                       if exc.missing_route else f"restart of {key} failed: {exc}")
-            self.notify(message, severity="error", timeout=8)
-        else:
-            self.notify(f"restarting {key}", timeout=3)
+        await self.call_api(
+            f"restart of {key}", "POST", f"/api/instances/{key}/restart", {},
+            done=f"restarting {key}",
+            missing="this node has no restart API yet (POST /api/instances/{id}/restart)")
 
 
 def _progress(instance: dict[str, Any]) -> str:

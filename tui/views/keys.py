@@ -14,8 +14,8 @@ from textual.widgets import DataTable, Static
 
 from ..client import ApiError
 from ..modals import ConfirmModal, NewKeyModal, SecretModal
-from ..widgets import cursor_key, sync_rows
-from .base import View, matches
+from ..widgets import cursor_key, row_table, sync_rows
+from .base import View
 
 __all__ = ["KeysView"]
 
@@ -34,15 +34,9 @@ class KeysView(View):
     ]
 
     def compose_body(self) -> ComposeResult:
-        keys: DataTable = DataTable(id="keys", cursor_type="row", zebra_stripes=True)
-        for column in KEY_COLUMNS:
-            keys.add_column(column, key=column)
-        yield keys
+        yield row_table("keys", KEY_COLUMNS)
         yield Static(id="users-note")
-        users: DataTable = DataTable(id="users", cursor_type="row", zebra_stripes=True)
-        for column in USER_COLUMNS:
-            users.add_column(column, key=column)
-        yield users
+        yield row_table("users", USER_COLUMNS)
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -57,14 +51,8 @@ class KeysView(View):
 
     def redraw(self, topics: set[str]) -> None:
         now = self.app.model.clock()
-        rows = []
-        for key in sorted(self.app.model.api_keys.values(), key=lambda k: k.get("created", 0)):
-            cells = (key["id"], key.get("name", "-"), key.get("role", "-"),
-                     key.get("user") or "-", _date(key.get("created")),
-                     _expiry(key.get("expires"), now),
-                     ",".join(key.get("models") or []) or "all")
-            if matches(self.filter_text, cells):
-                rows.append((key["id"], cells))
+        keys = sorted(self.app.model.api_keys.values(), key=lambda k: k.get("created", 0))
+        rows = self.visible((key["id"], _key_cells(key, now)) for key in keys)
         sync_rows(self.query_one("#keys", DataTable), rows)
         self._draw_users()
 
@@ -80,14 +68,8 @@ class KeysView(View):
         for key in self.app.model.api_keys.values():
             owner = key.get("user") or f"key-{key['id']}"    # the gateway's owner_of()
             counts[owner] = counts.get(owner, 0) + 1
-        rows = []
-        for user in sorted(self.users, key=lambda u: u.get("id", "")):
-            limits = user.get("limits") or {}
-            cells = (user.get("id", "-"), user.get("role", "-"),
-                     str(counts.get(user.get("id", ""), 0)),
-                     " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-")
-            if matches(self.filter_text, cells):
-                rows.append((str(user.get("id")), cells))
+        rows = self.visible((str(user.get("id")), _user_cells(user, counts))
+                            for user in sorted(self.users, key=lambda u: u.get("id", "")))
         sync_rows(table, rows)
 
     # --- create and revoke -----------------------------------------------------------------
@@ -118,14 +100,24 @@ class KeysView(View):
                 f"Revoke key {key_id} ({record.get('name', '-')})? Every node refuses it "
                 "from now on.", yes="Revoke", destructive=True)):
             return
-        try:
-            await self.app.client.delete("/api/keys/" + urllib.parse.quote(key_id, safe=""))
-        except ApiError as exc:
-            message = ("this node has no keys API yet (DELETE /api/keys/{id})"
-                       if exc.missing_route else f"revoking {key_id} failed: {exc}")
-            self.notify(message, severity="error", timeout=8)
-        else:
-            self.notify(f"revoked {key_id}", timeout=3)
+        await self.call_api(
+            f"revoking {key_id}", "DELETE", "/api/keys/" + urllib.parse.quote(key_id, safe=""),
+            done=f"revoked {key_id}",
+            missing="this node has no keys API yet (DELETE /api/keys/{id})")
+
+
+def _key_cells(key: dict[str, Any], now: float) -> tuple[str, ...]:
+    return (key["id"], key.get("name", "-"), key.get("role", "-"),
+            key.get("user") or "-", _date(key.get("created")),
+            _expiry(key.get("expires"), now),
+            ",".join(key.get("models") or []) or "all")
+
+
+def _user_cells(user: dict[str, Any], counts: dict[str, int]) -> tuple[str, ...]:
+    limits = user.get("limits") or {}
+    return (user.get("id", "-"), user.get("role", "-"),
+            str(counts.get(user.get("id", ""), 0)),
+            " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-")
 
 
 def _date(when: Any) -> str:

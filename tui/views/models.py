@@ -11,11 +11,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from ..client import ApiError
 from ..format import needs, source_label
 from ..modals import ConfirmModal, DeployModal, NumberModal
-from ..widgets import cursor_key, sync_rows
-from .base import View, matches
+from ..widgets import cursor_key, row_table, sync_rows
+from .base import View
 
 __all__ = ["ModelsView", "model_path"]
 
@@ -40,20 +39,13 @@ class ModelsView(View):
     ]
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable = DataTable(id="models", cursor_type="row", zebra_stripes=True)
-        for column in COLUMNS:
-            # Sources and reasons can be long: the detail line below has them in full.
-            table.add_column(column, key=column,
-                             width={"SOURCE": 26, "REASON": 40}.get(column))
-        yield table
+        # Sources and reasons can be long: the detail line below has them in full.
+        yield row_table("models", COLUMNS, {"SOURCE": 26, "REASON": 40})
         yield Static(id="detail")
 
     def redraw(self, topics: set[str]) -> None:
-        rows = []
-        for name in sorted(self.app.model.models):
-            cells = self._row(self.app.model.models[name])
-            if matches(self.filter_text, cells):
-                rows.append((name, cells))
+        rows = self.visible((name, self._row(self.app.model.models[name]))
+                            for name in sorted(self.app.model.models))
         table = self.query_one("#models", DataTable)
         sync_rows(table, rows)
         self._show_detail()
@@ -132,7 +124,7 @@ class ModelsView(View):
         spec = await self.app.push_screen_wait(DeployModal(backends))
         if spec is None:
             return
-        await self._call(f"deploying {spec['name']}", "POST", "/api/models", spec)
+        await self.call_api(f"deploying {spec['name']}", "POST", "/api/models", spec)
 
     @work(group="models-actions", exit_on_error=False)
     async def action_scale(self) -> None:
@@ -143,7 +135,7 @@ class ModelsView(View):
             f"Replicas of {model['name']} (now {model.get('replicas', 0)})",
             int(model.get("replicas", 0)), 0, MAX_REPLICAS))
         if replicas is not None:
-            await self._call(f"scaling {model['name']} to {replicas}", "PATCH",
+            await self.call_api(f"scaling {model['name']} to {replicas}", "PATCH",
                              model_path(model["name"]), {"replicas": replicas})
 
     @work(group="models-actions", exit_on_error=False)
@@ -154,7 +146,7 @@ class ModelsView(View):
         if await self.app.push_screen_wait(ConfirmModal(
                 f"Stop {name}? Its instances end; the deployment stays (scale it up again).",
                 yes="Stop", destructive=True)):
-            await self._call(f"stopping {name}", "PATCH", model_path(name), {"replicas": 0})
+            await self.call_api(f"stopping {name}", "PATCH", model_path(name), {"replicas": 0})
 
     @work(group="models-actions", exit_on_error=False)
     async def action_delete(self) -> None:
@@ -164,13 +156,5 @@ class ModelsView(View):
         if await self.app.push_screen_wait(ConfirmModal(
                 f"Delete {name}? Its instances end and the deployment is removed.",
                 yes="Delete", destructive=True)):
-            await self._call(f"deleting {name}", "DELETE", model_path(name))
+            await self.call_api(f"deleting {name}", "DELETE", model_path(name))
 
-    async def _call(self, what: str, method: str, path: str,
-                    body: dict[str, Any] | None = None) -> None:
-        try:
-            await self.app.client.request(method, path, json_body=body)
-        except ApiError as exc:
-            self.notify(f"{what} failed: {exc}", severity="error", timeout=8)
-        else:
-            self.notify(f"{what}: done", timeout=3)

@@ -17,7 +17,7 @@ from textual.containers import Grid
 from textual.widgets import DataTable, Static
 
 from ..client import ApiError
-from ..widgets import BrailleChart, sync_rows
+from ..widgets import BrailleChart, row_table, sync_rows
 from .base import View, matches
 
 __all__ = ["UsageView"]
@@ -34,10 +34,7 @@ class UsageView(View):
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="usage-note")
-        table: DataTable = DataTable(id="usage", cursor_type="row", zebra_stripes=True)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        yield table
+        yield row_table("usage", COLUMNS)
         with Grid(id="usage-charts"):
             yield BrailleChart("requests/min", "", None, id="chart-rpm")
             yield BrailleChart("tokens/s", "", None, id="chart-tps")
