@@ -95,6 +95,27 @@ def start_engines(*engines: LlamaEngine) -> list[LlamaEngine]:
         raise
 
 
+def engine_that_dies(path: str, *, sends: bytes = b"", pause_s: float = 0.0,
+                     headers: dict[str, str] | None = None) -> web.Application:
+    """An engine whose connection drops mid-answer: its headers (SSE unless `headers` says
+    otherwise), then `sends`, a pause, and the transport closed. (A real engine cannot be
+    made to die at a chosen byte, so this one stands in.)"""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers=headers or {"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if sends:
+            await response.write(sends)
+        if pause_s:
+            await asyncio.sleep(pause_s)
+        assert request.transport is not None
+        request.transport.close()       # the "engine" is gone; the body is cut
+        return response
+
+    app = web.Application()
+    app.router.add_post(path, answer)
+    return app
+
+
 def openai_style_app(key: str | None = None) -> web.Application:
     """A stand-in engine: OpenAI's shapes, fixed answers, and `usage` where OpenAI has it.
 

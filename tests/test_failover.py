@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from gateway_fixtures import LlamaEngine, add_model, bootstrap, start_engines
+from gateway_fixtures import LlamaEngine, add_model, bootstrap, engine_that_dies, start_engines
 from inprocess import InProcessNode, node_secret, raft_threads
 from tinymodels import write_tiny_gguf
 
@@ -32,19 +32,9 @@ ONLY_X = {"logit_bias": {"123": 100}, "ignore_eos": True, "temperature": 0}
 def dies_after_one_completion_event() -> web.Application:
     """A completions engine that streams one token ("x", one event as engines stream them),
     then its connection drops."""
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"id":"cmpl-first","object":"text_completion",'
-                             b'"created":7,"model":"tiny","choices":[{"index":0,"text":"x",'
-                             b'"finish_reason":null}]}\n\n')
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.close()
-        return response
-    app = web.Application()
-    app.router.add_post("/v1/completions", answer)
-    return app
+    return engine_that_dies("/v1/completions", pause_s=0.05, sends=(
+        b'data: {"id":"cmpl-first","object":"text_completion","created":7,"model":"tiny",'
+        b'"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'))
 
 
 @pytest.fixture(scope="module")

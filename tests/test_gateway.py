@@ -18,18 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from gateway_fixtures import CHAT, GRAMMAR, LlamaEngine, engine_that_dies
 from harness import free_port
 from inprocess import InProcessNode, Reply, http_request, raft_threads
 from inprocess import instance_record as shared_instance_record
@@ -40,9 +36,6 @@ from gpumesh.mesh.deployments import build_model_record
 
 NODE_ID = "node-gateway-test"
 PEER_ID = "node-peer"
-ENGINE_TIMEOUT = 60.0
-GRAMMAR = 'root ::= "hello there"'
-CHAT = [{"role": "user", "content": "Say hello."}]
 STREAM_SETTLE_S = 0.1
 BROKEN_FIRST_EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"hel"}}]}\n\n'
 
@@ -52,65 +45,7 @@ def _closed_port() -> int:
     return free_port()
 
 
-# --- the engine --------------------------------------------------------------------------------
-
-class Engine:
-    def __init__(self, model: Path, log_file: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = log_file
-        self._log = log_file.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpumesh.backends.llama_cpp_runner", "-m", str(model),
-             "--host", "127.0.0.1", "--port", str(self.port), "--alias", "tiny",
-             "-c", "256", "-ngl", "0"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + ENGINE_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"engine not healthy (exit {self.process.returncode}):\n"
-                           f"{self.log_file.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
-
-
 # --- the node: store + HTTP app (and a peer gateway), on a background event loop ---------------
-
-def broken_engine_app() -> web.Application:
-    """An engine that dies mid-answer: SSE headers, one event, then the connection drops.
-    (The real engine cannot be made to crash at a chosen byte, so this one stands in.)"""
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(BROKEN_FIRST_EVENT)
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.close()       # the "engine" is gone; the chunked body is cut
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    return app
-
 
 def instance_record(instance_id: str, model: str, state: str, *, port: int | None = None,
                     node_id: str = NODE_ID) -> dict[str, Any]:
@@ -131,7 +66,7 @@ def gguf(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(gguf: Path, workdir: Path):
-    engine = Engine(gguf, workdir / "engine.log")
+    engine = LlamaEngine(gguf, workdir / "engine.log")
     try:
         engine.wait_healthy()
         yield engine
@@ -149,7 +84,7 @@ def node(workdir: Path):
 
 
 @pytest.fixture(scope="module")
-def cluster(node: InProcessNode, engine: Engine, gguf: Path) -> dict[str, Any]:
+def cluster(node: InProcessNode, engine: LlamaEngine, gguf: Path) -> dict[str, Any]:
     """Keys, nodes, models and instances; returns the keys and the dead ports."""
     admin_key, admin_record = new_api_key("admin", ADMIN)
     user_key, user_record = new_api_key("someone", USER)
@@ -174,7 +109,9 @@ def cluster(node: InProcessNode, engine: Engine, gguf: Path) -> dict[str, Any]:
         node.submit({"op": "update_instance", "id": instance_id, "node_id": node_id,
                      "changes": {"state": state, "port": port}})
 
-    broken_port = node.serve(broken_engine_app())   # bound before picking dead ports
+    # An engine that dies mid-answer: SSE headers, one event, then the connection drops.
+    broken_port = node.serve(engine_that_dies("/v1/chat/completions", sends=BROKEN_FIRST_EVENT,
+                                              pause_s=0.05))   # bound before picking dead ports
     dead = [_closed_port() for _ in range(3)]
     model("tiny")
     instance("tiny-1", "tiny", "running", engine.port)

@@ -17,10 +17,9 @@ import time
 from typing import Any
 
 import pytest
-from aiohttp import web
+from gateway_fixtures import GRAMMAR, LlamaEngine, engine_that_dies
 from harness import free_port
 from inprocess import InProcessNode, http_request, instance_record
-from test_gateway import Engine
 from tinymodels import write_tiny_gguf
 
 from gpumesh.mesh.auth import ADMIN, new_api_key
@@ -28,41 +27,12 @@ from gpumesh.mesh.deployments import build_model_record
 
 NODE_ID = "node-retry-test"
 PEER_ID = "node-retry-peer"
-GRAMMAR = 'root ::= "hello there"'
-
-
-def engine_gone_after_headers() -> web.Application:
-    """Answers SSE headers, then dies before the first event."""
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        assert request.transport is not None
-        request.transport.close()
-        return response
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    return app
-
-
-def engine_gone_mid_body() -> web.Application:
-    """Promises a 1000-byte JSON body, sends 10 bytes of it, and dies."""
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json",
-                                               "Content-Length": "1000"})
-        await response.prepare(request)
-        await response.write(b'{"id":"cut')
-        assert request.transport is not None
-        request.transport.close()
-        return response
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    return app
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("gateway-retry")
-    engine = Engine(write_tiny_gguf(workdir / "tiny.gguf"), workdir / "engine.log")
+    engine = LlamaEngine(write_tiny_gguf(workdir / "tiny.gguf"), workdir / "engine.log")
     node = InProcessNode(workdir / "raft", (NODE_ID, PEER_ID))
     try:
         engine.wait_healthy()
@@ -73,8 +43,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
             node.submit({"op": "upsert_node", "node": {
                 "id": node_id, "name": node_id, "status": "ready", "api_url": url,
                 "updated": time.time()}})
-        dying = {"headers": node.serve(engine_gone_after_headers()),
-                 "body": node.serve(engine_gone_mid_body()),
+        dying = {"headers": node.serve(engine_that_dies("/v1/chat/completions")),
+                 # promises a 1000-byte JSON body, sends 10 bytes of it, and dies
+                 "body": node.serve(engine_that_dies(
+                     "/v1/chat/completions", sends=b'{"id":"cut', headers={
+                         "Content-Type": "application/json", "Content-Length": "1000"})),
                  "dead": free_port()}
 
         def model(name: str, instances: list[tuple[str, str, int]]) -> None:
