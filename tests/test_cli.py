@@ -176,17 +176,30 @@ def test_help_texts(capsys: pytest.CaptureFixture[str], argv: list[str], expecte
     assert expected in " ".join(capsys.readouterr().out.split())
 
 
-def test_every_argument_of_every_command_has_help() -> None:
-    from gpumesh.mesh.cli import build_parser
+def test_every_argument_of_every_command_has_help_and_groups_alone_exit_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
-    parser = build_parser()
-    missing = []
-    for action in parser._subparsers._group_actions[0].choices.items():   # noqa: SLF001
-        name, sub = action
-        for arg in sub._actions:                                          # noqa: SLF001
-            if not isinstance(arg, argparse._HelpAction) and not arg.help:
-                missing.append(f"{name} {'/'.join(arg.option_strings) or arg.dest}")
+    from gpumesh.mesh.cli import build_parser
+    missing, groups = [], []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:                                    # noqa: SLF001
+            if isinstance(action, argparse._SubParsersAction):            # noqa: SLF001
+                if path:
+                    groups.append(path)
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:  # noqa: SLF001
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), [])
     assert missing == []
+    assert ["node"] in groups and ["keys"] in groups
+    for path in groups:
+        if path in (["models"], ["ls"]):
+            continue                      # `gpumesh models` alone lists the models
+        assert main(path) == 2, path
+        assert f"{path[-1]} [-h] COMMAND" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("given", "expected"), [
@@ -381,3 +394,20 @@ def test_zsh_completion_loads(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["_gpumesh", "_gpumesh_deploy:", "function",
                                      "_gpumesh_node_drain:", "function"]
+
+
+def test_a_spec_file_dry_run_plans_and_stores_nothing(node: Daemon, workdir: Path,
+                                                      tiny_model: Path) -> None:
+    env = {"GPUMESH_DATA_DIR": str(node.data_dir)}
+    huge = workdir / "huge.gguf"                      # a sparse 4 TiB file: no disk used
+    huge.write_bytes(tiny_model.read_bytes())
+    os.truncate(huge, 4 << 40)
+    spec = workdir / "plan.yaml"
+    spec.write_text(f"models:\n  - name: planned\n    source: {tiny_model}\n"
+                    f"  - name: huge\n    source: {huge}\n")
+    result = gpumesh("deploy", "-f", str(spec), "--dry-run", "--json", cwd=workdir, **env)
+    assert result.returncode == 7, result.stderr                 # not schedulable
+    verdicts = {v["name"]: v for v in json.loads(result.stdout)}
+    assert verdicts["planned"]["action"] == "create" and verdicts["planned"]["fits"] is True
+    assert verdicts["huge"]["fits"] is False and verdicts["huge"]["summary"]
+    assert node.api("/api/models")[1]["data"] == []               # nothing stored

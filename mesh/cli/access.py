@@ -9,7 +9,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from .output import add_client_command, client_for, print_result, table
+from .output import Exit, add_client_command, add_group, client_for, print_result, table
 
 __all__ = ["register", "parse_expiry"]
 
@@ -52,7 +52,7 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     print_result(args, user, lambda u: f"added {u['role']} {u['id']}"
                  + (f" (limits: {_limits_label(u.get('limits'))})" if u.get("limits") else "")
                  + f"; give it a key: gpumesh keys create --user {u['id']}")
-    return 0
+    return Exit.OK
 
 
 def cmd_users_ls(args: argparse.Namespace) -> int:
@@ -61,14 +61,14 @@ def cmd_users_ls(args: argparse.Namespace) -> int:
         ["USER", "ROLE", "KEYS", "LIMITS", "CREATED"],
         [[u["id"], u["role"], u["keys"], _limits_label(u.get("limits")), _when(u["created"])]
          for u in us]))
-    return 0
+    return Exit.OK
 
 
 def cmd_users_rm(args: argparse.Namespace) -> int:
     result = client_for(args).delete("/api/users/" + urllib.parse.quote(args.name, safe=""))
     print_result(args, result, lambda r: f"removed {r['deleted']} and its "
                  f"{r['keys_removed']} key(s)")
-    return 0
+    return Exit.OK
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         f"API key {k['id']} ({k['name']}) for {k['user']}, expires {_when(k['expires'])}:\n"
         f"  {k['key']}\n"
         "Shown once: gpumesh keeps only its hash."))
-    return 0
+    return Exit.OK
 
 
 def cmd_keys_ls(args: argparse.Namespace) -> int:
@@ -100,13 +100,13 @@ def cmd_keys_ls(args: argparse.Namespace) -> int:
         [[k["id"], k["name"], k["user"], k["role"], _when(k["expires"]),
           ",".join(k["models"]) if k["models"] else "all", _limits_label(k["limits"])]
          for k in ks]))
-    return 0
+    return Exit.OK
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     result = client_for(args).delete("/api/keys/" + urllib.parse.quote(args.id, safe=""))
     print_result(args, result, lambda r: f"revoked {r['revoked']}: every node refuses it now")
-    return 0
+    return Exit.OK
 
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,23 +116,19 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    users = sub.add_parser("users", help="people and services that own API keys")
-    users.set_defaults(command="users", handler=lambda args: users.print_help() or 2)
-    users_sub = users.add_subparsers(title="commands", metavar="COMMAND",
-                                     help="add, ls or rm")
+    users_sub = add_group(sub, "users", "people and services that own API keys",
+                          "add, ls or rm")
     add = add_client_command(users_sub, "add", cmd_users_add, "add a user")
-    add.add_argument("name")
+    add.add_argument("name", metavar="NAME", help="the user's name (its id)")
     add.add_argument("--role", choices=["user", "admin"], default="user",
                      help="admin: manages the cluster; user: calls models (default)")
     _limit_flags(add)
     add_client_command(users_sub, "ls", cmd_users_ls, "list users")
     rm = add_client_command(users_sub, "rm", cmd_users_rm, "remove a user and its keys")
-    rm.add_argument("name")
+    rm.add_argument("name", metavar="NAME", help="the user's name")
 
-    keys = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
-    keys.set_defaults(command="keys", handler=lambda args: keys.print_help() or 2)
-    keys_sub = keys.add_subparsers(title="commands", metavar="COMMAND",
-                                   help="create, ls or revoke")
+    keys_sub = add_group(sub, "keys", "API keys: create (shown once), list, revoke",
+                         "create, ls or revoke")
     create = add_client_command(keys_sub, "create", cmd_keys_create, "create a key")
     create.add_argument("--name", default="key", help="a label for people (default: key)")
     create.add_argument("--user", help="whose key (default: yours)")
@@ -143,4 +139,4 @@ def register(sub: Any) -> None:
     ls = add_client_command(keys_sub, "ls", cmd_keys_ls, "list keys (never the keys themselves)")
     ls.add_argument("--user", help="only this user's keys")
     revoke = add_client_command(keys_sub, "revoke", cmd_keys_revoke, "revoke a key by its id")
-    revoke.add_argument("id")
+    revoke.add_argument("id", metavar="ID", help="the key's id (from `gpumesh keys ls`)")

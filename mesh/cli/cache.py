@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from .output import Exit, add_client_command, client_for, gib, print_result, table
+from .output import Exit, add_client_command, add_group, client_for, gib, print_result, table
 
 __all__ = ["register_under"]
 
@@ -68,11 +68,9 @@ def register_under(models: argparse.ArgumentParser) -> None:
     """`cache` under `gpumesh models`, which alone still lists the models."""
     groups = models.add_subparsers(title="more", metavar="{cache}",
                                    help="`cache ls|rm`: this node's model cache")
-    cache = groups.add_parser("cache", help="this node's model cache: `ls`, `rm KEY`",
-                              description="The node's cache of downloaded models (one entry "
-                                          "per hub repo and revision, shared by its instances).")
-    actions = cache.add_subparsers(title="commands", metavar="COMMAND")
-    cache.set_defaults(handler=lambda args: cache.print_help() or Exit.USAGE)
+    actions = add_group(groups, "cache", "this node's model cache: `ls`, `rm KEY`", "ls or rm",
+                        description="The node's cache of downloaded models (one entry per hub "
+                                    "repo and revision, shared by its instances).")
     add_client_command(actions, "ls", cmd_cache_ls, "list the cache: size, state, who uses it")
     rm = add_client_command(actions, "rm", cmd_cache_rm, "remove one entry (KEY from `ls`)")
     rm.add_argument("key", metavar="KEY", help="e.g. huggingface/owner--name/main")

@@ -11,7 +11,8 @@ from urllib.parse import quote
 
 from ..client import model_path
 from ..commands.nodes import nodes_used
-from .output import CliError, Exit, add_client_command, client_for, gib, print_result, status_cell, table
+from .output import (CliError, Exit, add_client_command, add_group, client_for, completes, gib,
+                     print_result, status_cell, table)
 
 __all__ = ["register"]
 
@@ -122,12 +123,11 @@ def register(sub: Any) -> None:
                                "print a token that lets a new node join this cluster")
     token.add_argument("--ttl", type=int, default=24 * 3600,
                        help="seconds the token stays valid (default 86400)")
-    node = sub.add_parser("node", help="drain or remove a node")
-    node_sub = node.add_subparsers(title="node commands", metavar="COMMAND", required=True,
-                                   help="drain (move its instances away) or rm (remove it)")
+    node_sub = add_group(sub, "node", "drain or remove a node",
+                         "drain (move its instances away) or rm (remove it)")
     drain = add_client_command(node_sub, "drain", cmd_node_drain,
                                "move a node's instances away and place nothing new there")
-    drain.add_argument("name", help="the node's name or id")
+    completes(drain.add_argument("name", metavar="NAME", help="the node's name or id"), "nodes")
     drain.add_argument("--undo", action="store_true", help="end the drain: the node is ready")
     drain.add_argument("--wait", action="store_true",
                        help="return once no instance is left on the node")
@@ -135,4 +135,4 @@ def register(sub: Any) -> None:
                        help="how long --wait waits (default 600)")
     rm = add_client_command(node_sub, "rm", cmd_node_rm,
                             "take a node out of the cluster (its instances move elsewhere)")
-    rm.add_argument("name", help="the node's name or id")
+    completes(rm.add_argument("name", metavar="NAME", help="the node's name or id"), "nodes")

@@ -7,7 +7,8 @@ import sys
 import urllib.parse
 from typing import Any
 
-from .output import CliError, Exit, add_client_command, client_for, print_result, table
+from .output import (CliError, Exit, add_client_command, client_for, completes, print_result,
+                     table)
 
 __all__ = ["instances_named", "register"]
 
@@ -89,8 +90,9 @@ def register(sub: Any) -> None:
                           help="the node you talk to, in detail (built-in versions, formats, "
                           "kinds, what it would install)")
     logs = add_client_command(sub, "logs", cmd_logs, "an instance's engine log, from any node")
-    logs.add_argument("target", metavar="NAME|INSTANCE",
-                      help="a model (all its instances) or one instance id")
+    completes(logs.add_argument("target", metavar="NAME|INSTANCE",
+                                help="a model (all its instances) or one instance id"),
+              "models")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing what the engine writes (Ctrl-C to stop)")
     logs.add_argument("--tail", type=int, default=200, metavar="LINES",

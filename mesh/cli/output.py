@@ -26,7 +26,7 @@ from typing import Any, Callable, TextIO
 from ..client import ApiClient, ApiError, resolve_target
 
 __all__ = ["CliError", "EXIT_CODES_HELP", "Exit", "Styled", "add_client_command",
-           "add_json_flag", "completes", "client_for", "colour_enabled", "error_from_api", "gib",
+           "add_group", "add_json_flag", "completes", "client_for", "colour_enabled", "error_from_api", "gib",
            "print_error", "print_result", "source_label", "status_cell", "table"]
 
 
@@ -103,6 +103,20 @@ def add_client_command(sub: Any, name: str, handler: Callable[[argparse.Namespac
     add_json_flag(p)
     p.set_defaults(command=name, handler=handler)
     return p
+
+
+def add_group(sub: Any, name: str, help_: str, commands_help: str,
+              description: str | None = None) -> Any:
+    """A command that only groups others (`gpumesh keys create|ls|revoke`). Alone it prints
+    its help on stderr and exits 2, as bare `gpumesh` does. Returns its subparsers."""
+    group = sub.add_parser(name, help=help_, description=description or _sentence(help_))
+
+    def show_help(args: argparse.Namespace) -> int:
+        group.print_help(sys.stderr)
+        return Exit.USAGE
+
+    group.set_defaults(command=name, handler=show_help)
+    return group.add_subparsers(title="commands", metavar="COMMAND", help=commands_help)
 
 
 def completes(action: argparse.Action, kind: str) -> argparse.Action:

@@ -246,6 +246,8 @@ def apply_spec_file(args: argparse.Namespace) -> int:
     try:
         specs = load_spec(text, base)
         steps = plan(client, specs)
+        if getattr(args, "dry_run", False):
+            return _dry_run(args, client, steps, path)
         if not args.replace:                          # refuse before changing anything
             for step in steps:
                 if step.action == "replace":
@@ -270,6 +272,54 @@ def apply_spec_file(args: argparse.Namespace) -> int:
     print_result(args, _report(steps), lambda r: "\n".join(
         _describe(step, args.wait) for step in steps))
     return Exit.OK
+
+
+def _dry_run(args: argparse.Namespace, client: ApiClient, steps: list[Step], path: str) -> int:
+    """What applying would do, and whether what it adds fits (`POST /api/models/evaluate`):
+    a new model all its replicas, a scale-up only the added ones. Nothing is stored. Exit 7
+    if something would not fit, 1 if a change would need --replace."""
+    verdicts: list[dict[str, Any]] = []
+    for step in steps:
+        body = {k: v for k, v in step.spec.fields.items() if v is not None}
+        verdict: dict[str, Any] = {"name": step.spec.name, "action": step.action,
+                                   "line": step.spec.line, "fits": True, "summary": "",
+                                   "changes": {k: {"from": a, "to": b}
+                                               for k, (a, b) in step.changes.items()}}
+        if step.action == "scale":
+            now, want = step.changes["replicas"]
+            body["replicas"] = max(0, want - now)
+        if step.action == "replace" and not args.replace:
+            verdict.update(fits=None, summary="needs --replace (its source, engine or "
+                                              "settings change)")
+        elif step.action != "unchanged" and body.get("replicas", 1) > 0:
+            try:
+                answer = client.post("/api/models/evaluate", body)
+            except ApiError as exc:
+                error = error_from_api(exc)
+                raise CliError(f"{path}:{step.spec.line_of(exc.param)}: {step.spec.name}: "
+                               f"{exc}", error.exit_code, code=exc.code) from None
+            verdict.update(fits=bool(answer["fits"]), summary=answer["summary"],
+                           evaluation=answer)
+            if step.action == "replace":
+                verdict["summary"] += " (its current instances still counted as in use)"
+        verdicts.append(verdict)
+    print_result(args, verdicts, lambda vs: "\n".join(map(_verdict_line, vs)))
+    if any(v["fits"] is False for v in verdicts):
+        return Exit.NOT_SCHEDULABLE
+    return Exit.ERROR if any(v["fits"] is None for v in verdicts) else Exit.OK
+
+
+def _verdict_line(v: dict[str, Any]) -> str:
+    line = f"{v['name']}: would {_WOULD[v['action']]}"
+    if v["fits"] is None:
+        return f"{line} — {v['summary']}"
+    if v["summary"]:
+        return f"{line} — {'fits' if v['fits'] else 'does NOT fit'}: {v['summary']}"
+    return line
+
+
+_WOULD = {"create": "be created", "scale": "be scaled", "replace": "be replaced",
+          "unchanged": "stay unchanged"}
 
 
 def _read(file: str) -> tuple[str, str, Path]:

@@ -36,6 +36,9 @@ run_in() {   # a command in the rootfs, without booting it
 run_in "rm -rf /opt/gpumesh/venv && python3 -m venv /opt/gpumesh/venv && \
         env $pip_env /opt/gpumesh/venv/bin/pip install -q /dist/$(basename "$wheel")"
 
+# A first start: no state from an earlier run (DynamicUser keeps it under /var/lib/private).
+rm -rf "$rootfs/var/lib/private/gpumesh" "$rootfs/var/lib/gpumesh" "$rootfs/var/cache/private/gpumesh"
+
 # The unit exactly as shipped, enabled the way `systemctl enable` does it.
 install -m 0644 "$repo/packaging/gpumesh.service" "$rootfs/etc/systemd/system/gpumesh.service"
 mkdir -p "$rootfs/etc/systemd/system/multi-user.target.wants"
