@@ -1,6 +1,7 @@
 """Test helpers (harness.py, tinymodels.py) are plain modules beside the tests."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,14 @@ if TYPE_CHECKING:
     from gpumesh.backends.base import Backend
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# A shell starts a background job (`pytest … &`) with SIGINT ignored, and an ignored signal
+# stays ignored in every process started from here: a daemon then ignores a Ctrl-C that
+# lands before it installs its own handler, and an engine the SIGINT a guard passes on.
+# The tests that send SIGINT would fail only when run in the background; give them the
+# disposition a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --- the `gpu` marker ---------------------------------------------------------------------------
