@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -174,6 +175,22 @@ def test_help_texts(capsys: pytest.CaptureFixture[str], argv: list[str], expecte
         main(argv)
     assert done.value.code == 0
     assert expected in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_command_has_help_json_and_the_documented_exit_codes() -> None:
+    """Every command says what it does; every one that prints data has --json (all but the
+    daemon, the console and the completion script); `gpumesh --help` lists every exit code."""
+    from gpumesh.mesh.cli import build_parser
+    from gpumesh.mesh.cli.output import EXIT_CODES_HELP, Exit
+    from gpumesh.mesh.cli.reference import list_commands
+    commands = list_commands(build_parser(), [])
+    assert len(commands) > 20
+    assert [" ".join(path) for path, help_, _ in commands if not help_] == []
+    without_json = [" ".join(path) for path, _, parser in commands
+                    if "--json" not in parser._option_string_actions]   # noqa: SLF001
+    assert without_json == ["up", "tui", "completion"]
+    for code in Exit:
+        assert re.search(rf"^  {int(code)}\s+\S", EXIT_CODES_HELP, re.M), code
 
 
 def test_every_argument_of_every_command_has_help_and_groups_alone_exit_2(
