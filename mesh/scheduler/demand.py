@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from .capacity import ClusterIndex
-from .placement import Placement, Unschedulable
+from .plan import Placement, Unschedulable
 
 __all__ = ["BUSY_LEASE_S", "DEFAULT_IDLE_TIMEOUT_S", "EVICT_IDLE_S", "Eviction", "is_active",
            "is_busy", "is_on_demand", "last_activity", "plan_eviction", "wanted_replicas"]

@@ -20,7 +20,8 @@ from ..sizes import format_bytes
 from .architectures import architecture_check
 from .capacity import ClusterIndex
 from .demand import is_on_demand, plan_eviction
-from .placement import Placement, Scheduler, Unschedulable
+from .placement import Scheduler
+from .plan import Placement, Unschedulable
 
 __all__ = ["evaluate"]
 

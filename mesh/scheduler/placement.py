@@ -7,8 +7,9 @@ first that fits wins, and the reason it gives names the simpler plans that did n
 1. pinned GPUs (the deployment names them): those, or nothing;
 2. one GPU, then k GPUs of one node (tensor parallel; k = the engine's sizes, fewest first);
 3. the node's RAM, for engines that run on the CPU;
-4. several nodes, through the engine's own mechanism (llama.cpp RPC servers with layers
-   split by free memory, vLLM pipeline stages over Ray with tensor parallel inside each).
+4. several nodes, through the engine's own mechanism (`multinode`: llama.cpp RPC servers
+   with layers split by free memory, vLLM pipeline stages over Ray with tensor parallel
+   inside each).
 
 Among candidates of one plan, a node without a replica of this model beats one with
 (replicas spread across nodes when they can), then the policy decides: `binpack` takes the
@@ -19,75 +20,20 @@ ties break by node id and GPU index, never by the order records arrive in.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..sizes import format_bytes
-from .capacity import MAX_GPUS_PER_NODE, Booking, ClusterIndex, GpuSlot, NodeSlot
-from .explain import count_words, describe_unschedulable, gpu_words
+from .capacity import MAX_GPUS_PER_NODE, ClusterIndex, GpuSlot, NodeSlot
+from .explain import describe_unschedulable, gpu_words
+from .multinode import across_nodes
+from .plan import Placement, Unschedulable
 from .requirement import Requirement
 
-__all__ = ["Placement", "Scheduler", "Unschedulable"]
+__all__ = ["Decision", "Scheduler"]
 
 # Once a candidate on a node that already runs a replica is found, look this many entries
 # further for one on a fresh node: bounds a decision when every fitting node has replicas.
 _WALK_AFTER_DEFERRED = 256
-_MAX_NODES_PER_REPLICA = 16
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one instance runs. The instance's node is the head; other nodes are workers."""
-
-    node_id: str
-    device: str                             # "gpu" or "cpu" on the head node
-    memory_bytes: int                       # per GPU of gpu_indices (or RAM) on the head node
-    gpu_vendor: str | None = None
-    gpu_indices: tuple[int, ...] = ()
-    bookings: tuple[Booking, ...] = ()      # every device it holds, head and workers
-    mechanism: str | None = None            # None, "tensor-parallel", "llama.cpp-rpc", "ray-pipeline"
-    pipeline_parallel: int = 1
-    # llama.cpp RPC: per booking (same order), the bytes of weights + KV cache it holds; the
-    # head passes them to llama.cpp as the layer split (`--tensor-split`, `-ngl`)
-    split_bytes: tuple[int, ...] = ()
-    reason: str = field(default="", compare=False)      # policy: where; why not simpler
-    where: str = field(default="", compare=False)       # the chosen devices, in words
-    notes: tuple[str, ...] = field(default=(), compare=False)   # simpler plans that failed
-
-    def __post_init__(self) -> None:
-        if not self.bookings:
-            own = ([Booking(self.node_id, "gpu", i, self.memory_bytes) for i in self.gpu_indices]
-                   if self.device == "gpu" else [Booking(self.node_id, "cpu", None, self.memory_bytes)])
-            object.__setattr__(self, "bookings", tuple(own))
-
-    def allocation(self) -> dict[str, Any]:
-        """What the instance record keeps: the head's devices for its engine, every booking
-        for the memory accounting, and per worker node what it runs for this instance."""
-        return {"device": self.device, "memory_bytes": self.memory_bytes,
-                "gpu_vendor": self.gpu_vendor, "gpu_indices": list(self.gpu_indices),
-                "tensor_parallel": max(1, len(self.gpu_indices)),
-                "pipeline_parallel": self.pipeline_parallel, "mechanism": self.mechanism,
-                "bookings": [b.to_dict() for b in self.bookings],
-                "workers": self.workers(),
-                **({"split_bytes": list(self.split_bytes)} if self.split_bytes else {})}
-
-    def workers(self) -> list[dict[str, Any]]:
-        """Per worker node: its devices and memory (llama.cpp rpc-server / Ray worker)."""
-        by_node: dict[str, list[Booking]] = {}
-        for b in self.bookings:
-            if b.node_id != self.node_id:
-                by_node.setdefault(b.node_id, []).append(b)
-        return [{"node_id": node_id, "device": bs[0].device,
-                 "gpu_indices": sorted(b.gpu_index for b in bs if b.gpu_index is not None),
-                 "memory_bytes": [b.memory_bytes for b in bs]}
-                for node_id, bs in sorted(by_node.items())]
-
-
-@dataclass(frozen=True)
-class Unschedulable:
-    reason: str
 
 
 class Scheduler:
@@ -117,7 +63,7 @@ class Scheduler:
         req = Requirement.of(model)
         if not multi_node:
             req.multi_node = False
-        return _Decision(req, index).run()
+        return Decision(req, index).run()
 
 
 def _by_id(records: Any) -> Mapping[str, Mapping[str, Any]]:
@@ -129,7 +75,7 @@ def _by_id(records: Any) -> Mapping[str, Mapping[str, Any]]:
 _Ranked = tuple[tuple, Placement]
 
 
-class _Decision:
+class Decision:
     """One placement decision: the plans, tried in order, and the notes on those that failed."""
 
     def __init__(self, req: Requirement, index: ClusterIndex) -> None:
@@ -154,7 +100,7 @@ class _Decision:
                 return found
         if req.multi_node and self.index.ready_count() > 1:
             if req.engine.multi_node and req.gpus_per_replica in (None, 1):
-                found = self._across_nodes()
+                found = across_nodes(self)
                 if found is not None:
                     return found
             elif not req.engine.multi_node:
@@ -186,7 +132,7 @@ class _Decision:
 
     # --- walking the index ---------------------------------------------------------------------
 
-    def _entries(self, sorted_keys: Any, need: int) -> Iterator[tuple]:
+    def entries(self, sorted_keys: Any, need: int) -> Iterator[tuple]:
         """Index entries that fit `need`, in policy order (keys start with free bytes)."""
         if self.binpack:
             yield from sorted_keys.from_key((need,))
@@ -235,15 +181,15 @@ class _Decision:
             return Placement(node.id, "gpu", need, gpu.vendor, (gpu.index,))
 
         plan = self._best_of_vendors(lambda v: self._first_fit(
-            self._entries(self.index.gpu_free[v], need), build))
+            self.entries(self.index.gpu_free[v], need), build))
         if plan is None:
             if (note := self._largest_gpu_note(need)) is not None:
                 self.notes.append(note)
             return None
         gpu = self.index.gpu(plan.node_id, plan.gpu_indices[0])
-        where = f"GPU {gpu.index} ({gpu.name}) on {self._name(plan.node_id)}"
-        return self._with_reason(plan, f"{where}: {format_bytes(gpu.free)} free, "
-                                       f"{self._policy_words()} for {format_bytes(need)}")
+        where = f"GPU {gpu.index} ({gpu.name}) on {self.name_of(plan.node_id)}"
+        return self.with_reason(plan, f"{where}: {format_bytes(gpu.free)} free, "
+                                      f"{self._policy_words()} for {format_bytes(need)}")
 
     def _gpus_on_one_node(self, k: int) -> Placement | None:
         per_gpu = self.req.need("gpu", 1 / k)
@@ -258,7 +204,7 @@ class _Decision:
                                  tuple(sorted(g.index for g in gpus[:k])),
                                  mechanism="tensor-parallel")
 
-            return self._first_fit(self._entries(self.index.kth_free[(vendor, k)], per_gpu), build)
+            return self._first_fit(self.entries(self.index.kth_free[(vendor, k)], per_gpu), build)
 
         plan = self._best_of_vendors(per_vendor)
         if plan is None:
@@ -266,9 +212,9 @@ class _Decision:
                 self.notes.append(self._best_k_note(k, per_gpu))
             return None
         indices = ", ".join(map(str, plan.gpu_indices))
-        return self._with_reason(plan, f"{gpu_words(k)} on {self._name(plan.node_id)} (GPUs "
-                                       f"{indices}) fit with tensor parallel {k}, "
-                                       f"{format_bytes(per_gpu)} each ({self._policy_words()})")
+        return self.with_reason(plan, f"{gpu_words(k)} on {self.name_of(plan.node_id)} (GPUs "
+                                      f"{indices}) fit with tensor parallel {k}, "
+                                      f"{format_bytes(per_gpu)} each ({self._policy_words()})")
 
     def _ram(self) -> Placement | None:
         need = self.req.need("cpu")
@@ -280,15 +226,15 @@ class _Decision:
                 return None
             return Placement(node.id, "cpu", need)
 
-        ranked = self._first_fit(self._entries(self.index.ram_free, need),
+        ranked = self._first_fit(self.entries(self.index.ram_free, need),
                                  build)
         if ranked is None:
             self.notes.append(self._largest_ram_note(need))
             return None
         plan = ranked[1]
         node = self.index.nodes[plan.node_id]
-        return self._with_reason(plan, f"the CPU of {node.name}: {format_bytes(node.ram_free)} "
-                                       f"RAM free, {self._policy_words()} for {format_bytes(need)}")
+        return self.with_reason(plan, f"the CPU of {node.name}: {format_bytes(node.ram_free)} "
+                                      f"RAM free, {self._policy_words()} for {format_bytes(need)}")
 
     def _pinned(self) -> Placement | Unschedulable:
         req = self.req
@@ -312,161 +258,16 @@ class _Decision:
         plan = Placement(node.id, "gpu", per_gpu, resolved[0].vendor,
                          tuple(sorted(g.index for g in resolved)),
                          mechanism="tensor-parallel" if len(resolved) > 1 else None)
-        return self._with_reason(plan, f"pinned to GPU {', '.join(map(str, plan.gpu_indices))} "
-                                       f"on {node.name}, {format_bytes(per_gpu)} each")
-
-    # --- several nodes ---------------------------------------------------------------------------
-
-    def _across_nodes(self) -> Placement | None:
-        mechanism = self.req.engine.multi_node
-        plan = None
-        if mechanism == "ray-pipeline" and self.req.device != "cpu":
-            plan = self._pipeline_stages()
-        elif mechanism == "llama.cpp-rpc":
-            if self.req.device != "cpu" and self.vendors():
-                plan = self._split_by_free_memory("gpu")
-            if plan is None and self.req.device != "gpu":
-                plan = self._split_by_free_memory("cpu")
-        return plan
-
-    def _pipeline_stages(self) -> Placement | None:
-        """vLLM over Ray: pp nodes × tp GPUs each, equal layers per stage, one vendor."""
-        ready = self.index.ready_count()
-        sizes = self.req.engine.tensor_parallel_sizes or (1, 2, 4, 8)
-        shapes = sorted(((pp, tp) for pp in range(2, min(ready, _MAX_NODES_PER_REPLICA) + 1)
-                         for tp in sizes), key=lambda s: (s[0] * s[1], s[0]))
-        for pp, tp in shapes:
-            per_gpu = self.req.need("gpu", 1 / (pp * tp))
-            for vendor in self.vendors():
-                stages = self._stage_nodes(vendor, pp, tp, per_gpu)
-                if stages is not None:
-                    return self._staged_plan(stages, vendor, per_gpu, pp, tp)
-        self.notes.append(f"pipeline stages over Ray: no {_MAX_NODES_PER_REPLICA} or fewer "
-                          f"ready nodes with equal GPU counts hold "
-                          f"{format_bytes(self.req.split_bytes['gpu'])} of weights and KV cache")
-        return None
-
-    def _stage_nodes(self, vendor: str, pp: int, tp: int,
-                     per_gpu: int) -> list[tuple[NodeSlot, list[GpuSlot]]] | None:
-        fresh: list[tuple[NodeSlot, list[GpuSlot]]] = []
-        reused: list[tuple[NodeSlot, list[GpuSlot]]] = []
-        entries = self._entries(self.index.kth_free[(vendor, tp)], per_gpu)
-        for key in entries:
-            node = self.index.nodes[key[1]]
-            gpus = self.usable_gpus(node, vendor, per_gpu)
-            if len(gpus) < tp:
-                continue
-            target = reused if self.index.replicas_on(self.req.model, node.id) else fresh
-            target.append((node, gpus[:tp]))
-            if len(fresh) >= pp:
-                break
-        chosen = (fresh + reused)[:pp]
-        return chosen if len(chosen) == pp else None
-
-    def _staged_plan(self, stages: list[tuple[NodeSlot, list[GpuSlot]]], vendor: str,
-                     per_gpu: int, pp: int, tp: int) -> Placement:
-        bookings = tuple(Booking(node.id, "gpu", g.index, per_gpu)
-                         for node, gpus in stages for g in sorted(gpus, key=lambda g: g.index))
-        head, head_gpus = stages[0]
-        plan = Placement(head.id, "gpu", per_gpu, vendor, tuple(sorted(g.index for g in head_gpus)),
-                         bookings=bookings, mechanism="ray-pipeline", pipeline_parallel=pp)
-        names = ", ".join(node.name for node, _ in stages)
-        return self._with_reason(plan, f"{count_words(pp)} pipeline stages over Ray on {names}, "
-                                       f"{gpu_words(tp)} each (tensor parallel {tp}), "
-                                       f"{format_bytes(per_gpu)} per GPU")
-
-    def _split_by_free_memory(self, device: str) -> Placement | None:
-        """llama.cpp RPC: the roomiest node that can run the server (a llama-server with an
-        RPC client) is the head; then take the devices of the roomiest nodes that run an
-        rpc-server until their free memory (less what each device holds whole) covers the
-        weights and KV cache; split layers in proportion, so every device fills the same
-        fraction of what it offers."""
-        req = self.req
-        split, fixed = req.split_bytes[device], req.fixed_bytes[device]
-        head: list[tuple[NodeSlot, GpuSlot | None, int]] = []
-        workers: list[list[tuple[NodeSlot, GpuSlot | None, int]]] = []
-        total = 0
-        for node in self._roomiest_nodes(device):
-            if head and (total >= split or len(workers) + 1 >= _MAX_NODES_PER_REPLICA):
-                break
-            can_head, can_work = node.rpc_roles(req.backend)
-            if not (can_head and not head) and not (can_work and len(workers) + 1 < _MAX_NODES_PER_REPLICA):
-                continue                  # nothing this node could do for the plan
-            devices = self._offers(node, device, fixed)
-            if not devices:
-                continue
-            if can_head and not head:
-                head = devices
-            else:
-                workers.append(devices)
-            total += sum(offer for _, _, offer in devices)
-        if not head or not workers or total < split:
-            self.notes.append(self._rpc_note(device, head, workers, total, split))
-            return None
-        offers = head + [d for devices in workers for d in devices]
-        fraction = split / total
-        shares = tuple(math.ceil(fraction * offer) for _, _, offer in offers)
-        bookings = tuple(Booking(node.id, device, gpu.index if gpu else None, share + fixed)
-                         for (node, gpu, _), share in zip(offers, shares))
-        head_node, head_gpu = offers[0][0], offers[0][1]
-        head_books = [b for b in bookings if b.node_id == head_node.id]
-        nodes_used = 1 + len(workers)
-        plan = Placement(head_node.id, device, max(b.memory_bytes for b in head_books),
-                         head_gpu.vendor if head_gpu else None,
-                         tuple(b.gpu_index for b in head_books if b.gpu_index is not None),
-                         bookings=bookings, mechanism="llama.cpp-rpc",
-                         pipeline_parallel=nodes_used, split_bytes=shares)
-        per_node = ", ".join(f"{self._name(node_id)} {format_bytes(size)}"
-                             for node_id, size in _per_node(bookings))
-        return self._with_reason(plan, f"split over {count_words(nodes_used)} nodes with "
-                                       f"llama.cpp RPC servers, layers in proportion to free "
-                                       f"memory ({per_node}); {head_node.name} runs the "
-                                       f"server, the others rpc-servers")
-
-    def _offers(self, node: NodeSlot, device: str,
-                fixed: int) -> list[tuple[NodeSlot, GpuSlot | None, int]]:
-        """What each of a node's devices offers to a split: free memory less what every
-        device holds whole (the engine process, compute buffers)."""
-        if not self.node_ok(node):
-            return []
-        if device == "cpu":
-            found = [(None, node.ram_free - fixed)] if node.backend_runs_on_cpu(self.req.backend) else []
-        else:
-            found = [(g, g.free - fixed) for g in sorted(node.gpus.values(), key=lambda g: g.index)
-                     if self.gpu_ok(node, g)]
-        return [(node, g, offer) for g, offer in found if offer > 0]
-
-    def _rpc_note(self, device: str, head: list, workers: list, total: int, split: int) -> str:
-        what = "GPUs" if device == "gpu" else "RAM"
-        if not head:
-            return ("llama.cpp RPC: no ready node with room has a llama-server built with RPC "
-                    "to hold the workers (GPUMESH_LLAMA_SERVER)")
-        if not workers:
-            return (f"llama.cpp RPC: no other ready node with free {what} runs llama.cpp's "
-                    f"rpc-server (GPUMESH_LLAMA_RPC_SERVER)")
-        return (f"llama.cpp RPC over the {what} of up to {_MAX_NODES_PER_REPLICA} nodes: "
-                f"together they have {format_bytes(max(total, 0))} for the "
-                f"{format_bytes(split)} of weights and KV cache")
-
-    def _roomiest_nodes(self, device: str) -> Iterator[NodeSlot]:
-        if device == "cpu":
-            for key in self.index.ram_free.descending():
-                yield self.index.nodes[key[1]]
-            return
-        lists = [self.index.sum_free[v].descending() for v in self.vendors()]
-        seen: set[str] = set()
-        for key in heapq.merge(*lists, key=lambda k: (-k[0], k[1])):
-            if key[1] not in seen:
-                seen.add(key[1])
-                yield self.index.nodes[key[1]]
+        return self.with_reason(plan, f"pinned to GPU {', '.join(map(str, plan.gpu_indices))} "
+                                      f"on {node.name}, {format_bytes(per_gpu)} each")
 
     # --- words -----------------------------------------------------------------------------------
 
-    def _with_reason(self, plan: Placement, where: str) -> Placement:
+    def with_reason(self, plan: Placement, where: str) -> Placement:
         replicas = self.index.replicas_on(self.req.model, plan.node_id)
         parts = [f"{self.req.policy}: {where}"]
         if replicas:
-            parts.append(f"{self._name(plan.node_id)} already runs {replicas} replica(s) of "
+            parts.append(f"{self.name_of(plan.node_id)} already runs {replicas} replica(s) of "
                          f"{self.req.model}: no other node fits")
         reason = "; ".join(parts + self.notes)
         return dataclasses.replace(plan, reason=reason, where=where, notes=tuple(self.notes))
@@ -474,7 +275,7 @@ class _Decision:
     def _policy_words(self) -> str:
         return "the tightest fit" if self.binpack else "the most room"
 
-    def _name(self, node_id: str) -> str:
+    def name_of(self, node_id: str) -> str:
         node = self.index.nodes.get(node_id)
         return node.name if node else node_id
 
@@ -528,13 +329,6 @@ class _Decision:
             if node.backend_runs_on_cpu(self.req.backend) and self.node_ok(node):
                 return f"{needs}: the most free is {format_bytes(max(node.ram_free, 0))} on {node.name}"
         return f"no ready node runs {self.req.backend} on its CPU"
-
-
-def _per_node(bookings: tuple[Booking, ...]) -> list[tuple[str, int]]:
-    totals: dict[str, int] = {}
-    for b in bookings:
-        totals[b.node_id] = totals.get(b.node_id, 0) + b.memory_bytes
-    return list(totals.items())
 
 
 def _resolve_pins(pins: tuple[str, ...], index: ClusterIndex) -> tuple[list[GpuSlot], str | None]:
