@@ -274,7 +274,12 @@ def test_ctrl_c_during_start_up_stops_it(workdir: Path) -> None:
         # 130 or -SIGINT: interrupted while Python was still importing, before anything
         # started (Python re-raises the signal on an uncaught KeyboardInterrupt, which Popen
         # reports as -2); 0: the daemon's own handler stopped start-up and undid its work.
-        assert process.returncode in (0, 130, -signal.SIGINT), output
+        # 1 only when the interpreter itself was interrupted before it could run any module:
+        # CPython prints "Could not import runpy module" and exits 1 (seen in a full run).
+        interpreter_interrupted = ("Could not import runpy module" in output
+                                   and "KeyboardInterrupt" in output)
+        assert process.returncode in (0, 130, -signal.SIGINT) or (
+            process.returncode == 1 and interpreter_interrupted), output
         assert process.returncode != 0 or "stopped" in output
 
 
