@@ -191,6 +191,12 @@ def test_every_command_has_help_json_and_the_documented_exit_codes() -> None:
     assert without_json == ["up", "tui", "completion"]
     for code in Exit:
         assert re.search(rf"^  {int(code)}\s+\S", EXIT_CODES_HELP, re.M), code
+    # A value is named for people (SECONDS, MIB), never after the setting's field (…_S).
+    internal = [f"{' '.join(path)} {action.option_strings[-1]}" for path, _, parser in commands
+                for action in parser._actions                          # noqa: SLF001
+                if action.option_strings and action.nargs != 0 and action.metavar is None
+                and re.search(r"_(s|mib)$", action.dest)]
+    assert internal == []
 
 
 def test_every_argument_of_every_command_has_help_and_groups_alone_exit_2(

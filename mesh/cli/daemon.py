@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..probes import PROBE_KINDS
-from .output import CliError, Exit
+from .output import CliError, Exit, name_values
 
 __all__ = ["register"]
 
@@ -92,4 +92,6 @@ def register(sub: Any) -> None:
     up.add_argument("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float,
                     help="seconds a stream may go without a chunk before it is cut "
                     "(default 120)")
+    name_values(up)
     up.set_defaults(command="up", handler=cmd_up)
+

@@ -27,8 +27,8 @@ from gpumesh import __version__
 
 from ..config import Config, ConfigError
 from ..datadir import DataDir
-from .output import (CliError, Exit, Styled, add_json_flag, colour_enabled, print_result,
-                     status_cell)
+from .output import (CliError, Exit, Styled, add_json_flag, colour_enabled, name_values,
+                     print_result, status_cell)
 
 __all__ = ["Check", "register", "run_checks"]
 
@@ -435,4 +435,5 @@ def register(sub: Any) -> None:
     doctor.add_argument("--mdns-interface", metavar="IFACE", help="the interface mDNS would use")
     doctor.add_argument("--advertise", metavar="ADDRESS", help="the address peers would use")
     add_json_flag(doctor)
+    name_values(doctor)
     doctor.set_defaults(command="doctor", handler=cmd_doctor)

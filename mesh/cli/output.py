@@ -27,6 +27,7 @@ from ..client import ApiClient, ApiError, resolve_target
 
 __all__ = ["CliError", "EXIT_CODES_HELP", "Exit", "Styled", "add_client_command",
            "add_group", "add_json_flag", "completes", "client_for", "colour_enabled", "error_from_api", "gib",
+           "name_values",
            "print_error", "print_result", "source_label", "status_cell", "table"]
 
 
@@ -129,6 +130,18 @@ def completes(action: argparse.Action, kind: str) -> argparse.Action:
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print JSON on stdout for scripts (errors too, as {\"error\": …})")
+
+
+def name_values(parser: argparse.ArgumentParser) -> None:
+    """`--drain-seconds SECONDS`, not `--drain-seconds DRAIN_S`: a value's metavar says its
+    unit where the dest's suffix does, for every flag without a metavar of its own."""
+    units = (("_s", "SECONDS"), ("_mib", "MIB"), ("_port", "PORT"), ("_dir", "DIR"),
+             ("host", "ADDRESS"))
+    for action in parser._actions:                                   # noqa: SLF001
+        if not action.option_strings or action.metavar or action.choices or action.nargs == 0:
+            continue
+        action.metavar = next((unit for suffix, unit in units if action.dest.endswith(suffix)),
+                              None)
 
 
 def client_for(args: argparse.Namespace, timeout: float = 30.0) -> ApiClient:
