@@ -10,7 +10,6 @@ OpenAI-shaped body as the gateway, so one client parses both.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -19,12 +18,11 @@ from aiohttp import web
 
 from gpumesh import __version__
 
-from .api_common import json_object, submit_or_error
+from .api_common import json_object, model_record, submit_or_error
 from .errors import openai_error
 from .scheduler.architectures import architecture_check
 from .scheduler.demand import is_on_demand
-from .deployments import DeploymentError, build_model_record, validate_replicas
-from .sources.routes import MODEL_CACHE
+from .deployments import DeploymentError, validate_replicas
 from .state import ClusterStore, StateView
 
 __all__ = ["ManagementApi", "model_summary"]
@@ -81,15 +79,9 @@ class ManagementApi:
     # --- write -----------------------------------------------------------------------------
 
     async def create_model(self, request: web.Request) -> web.Response:
-        spec = await json_object(request)
-        if isinstance(spec, web.Response):
-            return spec
-        try:
-            nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
-            record = await asyncio.to_thread(build_model_record, spec, nodes,
-                                             request.app.get(MODEL_CACHE))
-        except DeploymentError as exc:
-            return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
+        record = await model_record(request, self._store)
+        if isinstance(record, web.Response):
+            return record
         view = self._store.view
         check = architecture_check(record, view.nodes.values(), view.engine_architectures)
         if check is not None and not check["ok"]:

@@ -12,10 +12,7 @@ import time
 
 from aiohttp import web
 
-from ..api_common import json_object
-from ..deployments import DeploymentError, build_model_record
-from ..errors import openai_error
-from ..sources.routes import MODEL_CACHE
+from ..api_common import model_record
 from ..state import ClusterStore
 from .evaluate import evaluate
 from .placement import Scheduler
@@ -34,16 +31,9 @@ class EvaluateApi:
         app.router.add_post("/api/models/evaluate", self.evaluate)
 
     async def evaluate(self, request: web.Request) -> web.Response:
-        spec = await json_object(request)
-        if isinstance(spec, web.Response):
-            return spec
-        try:
-            # The same default engine as a deploy would get (it depends on the nodes).
-            nodes = [node.get("backends") or {} for node in self._store.view.nodes.values()]
-            record = await asyncio.to_thread(build_model_record, spec, nodes,
-                                             request.app.get(MODEL_CACHE))
-        except DeploymentError as exc:
-            return openai_error(400, str(exc), param=exc.param, code="invalid_deployment")
+        record = await model_record(request, self._store)   # as a deploy would make it
+        if isinstance(record, web.Response):
+            return record
         view = self._store.view
         scheduler = request.app.get(SCHEDULER) or Scheduler()
         # Building an index walks every node: off the loop (the view never changes).
