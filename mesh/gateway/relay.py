@@ -41,6 +41,7 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive
                 "date", "content-encoding", "x-gpumesh-instance", RETRY_HEADER.lower()}
 _BUFFERED_MAX = 4 << 20        # plain answers up to this size are relayed as one body
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")    # a stream's last event
 _DECODER = json.JSONDecoder()
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')   # the usage-only event
 
@@ -230,6 +231,13 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
             if sent is not None:
                 sent.append(chunk)
             try:
+                if not pending and chunk.endswith(_DONE_EVENTS):
+                    # The stream's last event: it goes out with the end of the answer, in
+                    # one write (a send less per stream), then the engine's answer is read
+                    # to its end so that its connection goes back to the pool.
+                    await response.write_eof(chunk)
+                    await _drain(upstream)
+                    return response
                 await write(chunk)
             except ConnectionResetError:
                 # The client went away. The caller releases the engine's answer unread,
@@ -246,6 +254,17 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
         await write(_events(pending, exchange) if slow else pending)
     await response.write_eof()
     return response
+
+
+async def _drain(upstream: aiohttp.ClientResponse) -> None:
+    """Read what an engine sends after its stream's `[DONE]` (normally just the end of the
+    answer). The client has its whole answer: a failure now is nobody's concern, and the
+    caller's release() then closes the connection instead of pooling it."""
+    try:
+        while extra := await upstream.content.readany():
+            log.debug("instance answered %d byte(s) after [DONE]; not relayed", len(extra))
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        pass
 
 
 async def _next_chunk(upstream: aiohttp.ClientResponse, exchange: Exchange,
