@@ -279,13 +279,16 @@ class Server:
 
 async def load(url: str, clients: int, requests: int, stream: bool, key: str | None,
                model: str = "bench", pid: int | None = None,
-               deadline: float = float("inf")) -> dict[str, float]:
+               deadline: float = float("inf"), close: bool = False) -> dict[str, float]:
     """A closed loop: `clients` workers share `requests` requests (until `deadline`, a
     time.perf_counter() value); latencies in ms, and the CPU time process `pid` spent per
     request while they ran (after a short warm-up that opens the clients' connections,
-    which neither figure counts)."""
+    which neither figure counts). `close`: a connection per request (a real llama.cpp closes
+    streamed ones after announcing keep-alive: a pooled one would be stale)."""
     body = json.dumps({**CHAT, "model": model, "stream": stream}).encode()
     headers = {"Content-Type": "application/json"}
+    if close:
+        headers["Connection"] = "close"
     if key:
         headers["Authorization"] = f"Bearer {key}"
     latencies: list[float] = []
@@ -350,6 +353,7 @@ class Row:
     model: str
     relay: str            # the row this one is compared with (its bare relay)
     engine: str           # the row whose p50 it adds to
+    close_streams: bool = False   # ask for a connection per stream (see load)
 
 
 def interleaved(paths: list[Row], clients: int, requests: int, stream: bool, rounds: int,
@@ -361,7 +365,8 @@ def interleaved(paths: list[Row], clients: int, requests: int, stream: bool, rou
         for path in paths:
             runs[path.name].append(asyncio.run(load(
                 path.server.url, clients, requests, stream, path.key, path.model,
-                pid=path.server.process.pid, deadline=deadline)))
+                pid=path.server.process.pid, deadline=deadline,
+                close=stream and path.close_streams)))
     return {name: median_round(results) for name, results in runs.items()}
 
 
@@ -489,7 +494,7 @@ def main() -> int:
             print("\n".join(summary) + "\n")
         if llama is not None:
             real = [Row("llama.cpp direct", llama, None, "tiny", "llama.cpp direct",
-                          "llama.cpp direct"),
+                        "llama.cpp direct", close_streams=True),
                     Row("llama.cpp via gateway", gateway, user_key, "tiny",
                           "llama.cpp direct", "llama.cpp direct")]
             for stream in (False, True):
