@@ -14,7 +14,8 @@ needed: no coroutine per request), before it looks for a running instance, and
 * for an on-demand model with no running instance, writes `record_activity` with `wake` at
   once (one write, shared by every request that arrives meanwhile), then waits until an
   instance runs, the leader says why it cannot place one (`schedule_error`), or
-  `wake_timeout_s` passes. The gateway then forwards, or answers 503 with the reason.
+  `wake_timeout_s` passes. The gateway then forwards, or answers 503 with the reason. A
+  request waiting for a wake is in flight too (the model is busy meanwhile).
 
 The leader's side (how many replicas a model wants, idle timeout, eviction) is
 `scheduler/demand.py`.
@@ -79,13 +80,24 @@ class Activation:
         return not (model is None or not is_on_demand(model) or _running(view, model_name))
 
     async def wake(self, model_name: str) -> None:
-        """Wake a sleeping model (once, whoever asks) and wait, bounded, for an instance."""
+        """Wake a sleeping model (once, whoever asks) and wait, bounded, for an instance.
+
+        A request waiting here is in flight: the model is marked busy while it waits, so
+        the leader keeps wanting it however long the decision and the engine's start take.
+        (`last_request` alone is the request's arrival: with a short idle timeout, a leader
+        deciding late under load found the model idle again and placed nothing, or stopped
+        the instance while it was starting, and the request waited its whole wake timeout.)
+        """
         task = self._waking.get(model_name)
         if task is None or task.done():
             task = asyncio.create_task(self._wake(model_name), name=f"wake-{model_name}")
             self._waking[model_name] = task
-        # shield: a client that gives up does not cancel the wait others share
-        await asyncio.shield(task)
+        self.started(model_name)
+        try:
+            # shield: a client that gives up does not cancel the wait others share
+            await asyncio.shield(task)
+        finally:
+            self.finished(model_name)
 
     def started(self, model_name: str) -> None:
         """A request to one of the model's engines begins (the gateway's forward). An

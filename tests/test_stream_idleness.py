@@ -118,3 +118,61 @@ def test_a_stream_longer_than_the_idle_timeout_keeps_its_instance(node) -> None:
     while "lazy-1" in node.store.view.instances:
         assert time.monotonic() < deadline, node.store.view.models["lazy"]
         time.sleep(0.05)
+
+
+def test_a_request_waiting_for_a_wake_keeps_the_model_wanted_past_its_idle_timeout(
+        tmp_path: Path) -> None:
+    """The leader may decide late (under load): a request still waiting for the woken model
+    keeps it busy, so an instance is placed even after the idle timeout has passed since the
+    request arrived (it used to be found idle again: nothing placed, a 503 after the whole
+    wake timeout)."""
+    node = InProcessNode(tmp_path / "node", (NODE,))
+    node.start()
+    tasks: list[asyncio.Task] = []
+    try:
+        key = bootstrap(node)
+        port = node.serve(slow_engine())
+        record = build_model_record({"name": "lazy", "source": str(write_tiny_gguf(
+            tmp_path / "tiny.gguf")), "min_replicas": 0, "idle_timeout_s": IDLE_S})
+        node.submit({"op": "create_model", "model": record})
+        node.submit({"op": "upsert_node", "node": {
+            "id": NODE, "name": NODE, "status": "ready",
+            "backends": {"llama.cpp": {"runs_on_cpu": True, "gpu_vendors": []}},
+            "inventory": {"cpu_cores": 2, "memory_total_bytes": 8 << 30,
+                          "memory_available_bytes": 8 << 30, "gpus": [], "probe": "test"}}})
+
+        async def ask() -> int:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(node.url + "/v1/chat/completions", json={
+                        "model": "lazy", "events": 1, "gap": 0,
+                        "messages": [{"role": "user", "content": "wake up"}]},
+                        headers={"Authorization": f"Bearer {key}"}) as reply:
+                    await reply.read()
+                    return reply.status
+        waiting = asyncio.run_coroutine_threadsafe(ask(), node.loop)
+        deadline = time.monotonic() + 30
+        while "last_request" not in node.store.view.models["lazy"]:     # the wake arrived
+            assert time.monotonic() < deadline and not waiting.done(), waiting
+            time.sleep(0.05)
+        time.sleep(3 * IDLE_S)          # the leader comes late: the request is older than that
+        assert not waiting.done()
+        assert NODE in (node.store.view.models["lazy"].get("busy") or {})
+
+        async def start() -> None:
+            reconciler = ReplicaReconciler(node.store, Scheduler(reserved_memory_bytes=0))
+            tasks.append(asyncio.create_task(reconciler.run()))
+        node.call(start())
+        while not node.store.view.instances:                  # placed for the waiting request
+            assert time.monotonic() < deadline, node.store.view.models["lazy"]
+            time.sleep(0.05)
+        (instance_id,) = node.store.view.instances            # the agent's part: it runs
+        node.submit({"op": "update_instance", "id": instance_id,
+                     "changes": {"state": "running", "port": port}})
+        assert waiting.result(30) == 200
+    finally:
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        node.call(stop())
+        node.stop()
