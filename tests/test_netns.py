@@ -81,9 +81,13 @@ def test_a_partition_stops_the_minority_the_majority_goes_on_and_healing_converg
     try:
         # The majority elects (or keeps) a leader, marks the cut-off node unreachable and
         # runs its model elsewhere.
-        nodes.wait(lambda: nodes.status(majority[0])["quorum"]
-                   and nodes.status(majority[0])["leader"]["node_id"] != holder_id,
-                   "the majority has a leader", 30)
+        # One status read per look: between two reads a new election can leave `leader`
+        # null for a moment (it raised TypeError out of the wait).
+        def majority_leads() -> bool:
+            status = nodes.status(majority[0])
+            return bool(status["quorum"] and status["leader"]
+                        and status["leader"]["node_id"] != holder_id)
+        nodes.wait(majority_leads, "the majority has a leader", 30)
         nodes.wait(lambda: running_on(majority[0]) not in ([], [holder_id]),
                    "the model runs on the majority side", 60)
         assert chat(majority[0]) == (200, "hello there")
