@@ -86,7 +86,26 @@ class InProcessNode:
             self.loop.close()
 
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            # Say what the node's loop was doing (a bare TimeoutError says nothing).
+            raise TimeoutError(f"not done after {timeout} s; tasks on the node's loop:\n"
+                               + self._tasks_now()) from None
+
+    def _tasks_now(self) -> str:
+        """Each task on the node's loop and where it waits, outermost call first."""
+        lines = []
+        for task in asyncio.all_tasks(self.loop):
+            where, coro = [], task.get_coro()
+            while coro is not None and hasattr(coro, "cr_frame"):
+                if coro.cr_frame is not None:
+                    where.append(f"{coro.cr_code.co_name} ({Path(coro.cr_code.co_filename).name}"
+                                 f":{coro.cr_frame.f_lineno})")
+                coro = coro.cr_await
+            lines.append(f"  {task.get_name()}: {' -> '.join(where) or repr(task)}")
+        return "\n".join(sorted(lines))
 
     def submit(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
