@@ -149,3 +149,38 @@ def test_a_stream_ends_for_the_client_at_done_while_the_engine_still_holds_its_e
             == FAKE_USAGE["completion_tokens"])
     stream(node, "keeps")                 # on the same connection: it went back to the pool
     assert len(engine[CONNECTIONS]) == 1
+
+
+USAGE = b'{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}'
+
+
+@pytest.mark.parametrize("events, stripped", [
+    # vLLM / OpenAI: a usage-only event (no choices) before [DONE], LF or CRLF
+    (b'data: {"id":"c","choices":[],"usage":' + USAGE + b'}\n\ndata: [DONE]\n\n',
+     b"data: [DONE]\n\n"),
+    (b'data: {"id":"c","choices":[],"usage":' + USAGE + b'}\r\n\r\n', b""),
+    # an event with more lines than its data line: the usage object is read alone
+    (b'event: usage\ndata: {"choices": [ ], "usage": ' + USAGE + b'}\n\n', b""),
+    # llama.cpp: usage (and timings) on the last content event: counted, never stripped
+    (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":' + USAGE
+     + b',"timings":{"n":1}}\n\n', None),
+])
+def test_engine_usage_events_are_counted_once_and_kept_from_clients_that_did_not_ask(
+        events, stripped) -> None:
+    from gpumesh.mesh.gateway.relay import Exchange, _events
+    for strip in (True, False):
+        exchange = Exchange(0.0)
+        exchange.strip_usage = strip
+        out = _events(events, exchange)
+        assert (exchange.prompt_tokens, exchange.completion_tokens) == (3, 4)
+        assert out == (stripped if strip and stripped is not None else events)
+
+
+def test_usage_null_on_every_event_counts_nothing_and_changes_nothing() -> None:
+    from gpumesh.mesh.gateway.relay import Exchange, _events
+    events = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n' * 3
+    exchange = Exchange(0.0)
+    exchange.strip_usage = True
+    assert _events(events, exchange) == events
+    assert (exchange.prompt_tokens, exchange.completion_tokens, exchange.usage_seen) == \
+        (0, 0, False)

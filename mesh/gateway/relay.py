@@ -291,20 +291,38 @@ def _events(data: bytes, exchange: Exchange) -> bytes:
     when this is a continuation on another replica."""
     if exchange.rewrite is not None:
         return _rewritten(data, exchange)
-    # The usual case: only the event(s) naming "usage" are looked at, found in place, and
-    # only their `usage` object is parsed (llama.cpp's last event also carries timings).
+    # The usual case: only the event(s) naming "usage" are looked at, found in place. Such
+    # an event is one `data:` line of JSON, parsed whole (it is small); anything else
+    # (several lines, not JSON) has its `usage` object found and parsed alone.
     at = data.find(b'"usage"')
     while at >= 0:
         start = _event_start(data, at)
         end = _event_end(data, at)
-        usage = usage_of(data[at:end])
+        event = _event_object(data, start, end)
+        if event is not None:
+            usage = event.get("usage")
+            no_choices = event.get("choices") == []
+        else:
+            usage = usage_of(data[at:end])
+            no_choices = _NO_CHOICES.search(data, start, end) is not None
         if usage:
             exchange.take_usage(usage)
-            if exchange.strip_usage and _NO_CHOICES.search(data, start, end):
+            if exchange.strip_usage and no_choices:
                 data = data[:start] + data[end:]
                 end = start
         at = data.find(b'"usage"', end)
     return data
+
+
+def _event_object(data: bytes, start: int, end: int) -> dict[str, Any] | None:
+    """The JSON object of the one-line `data:` event at data[start:end], or None."""
+    if not data.startswith(b"data:", start) or data.find(b"\n", start, end) < end - 3:
+        return None        # not a data line, or more lines than its own end
+    try:
+        event = fast_loads(data[start + 5:end])
+    except (ValueError, RecursionError):
+        return None
+    return event if type(event) is dict else None
 
 
 def _event_start(data: bytes, at: int) -> int:
