@@ -2,7 +2,8 @@
 failover after kill -9, idle CPU and RSS per daemon, dead node to its model serving
 elsewhere.
 
-Prints numbers; passes or fails nothing. Run: `.venv/bin/python bench/mesh.py [--kills N]`.
+Prints numbers; passes or fails nothing. Run: `.venv/bin/python bench/mesh.py [--kills N]
+[--skip joins,failover,idle,dead]`.
 Every loop is bounded in count and time. mDNS runs on loopback only (the daemons bind
 127.0.0.1, and discovery binds to the advertised address). Raw write latency beside
 pysyncobj's defaults is bench/raft.py's.
@@ -125,18 +126,41 @@ def bench_failover(cluster: Cluster, kills: int) -> None:
 
 # --- idle cost ---------------------------------------------------------------------------------
 
-def bench_idle(cluster: Cluster, seconds: float) -> None:
-    print(f"\n== idle cost per daemon ({seconds:.0f} s window, 3 nodes, one model loaded)")
+def bench_idle(cluster: Cluster, seconds: float, windows: int) -> None:
+    """CPU of each daemon process (every thread; engines are other processes): utime+stime
+    from /proc/PID/stat over `windows` windows of `seconds`, the median per node. Roles are
+    read before and after each window; a window in which the leader changed is not counted."""
+    print(f"\n== idle cost per daemon (3 nodes, one model loaded; /proc/PID/stat utime+stime, "
+          f"median of {windows} windows of {seconds:.0f} s)")
     time.sleep(3.0)
-    leader = cluster.leader()
-    before = {n: cpu_seconds(n.process.pid) for n in cluster.nodes}   # type: ignore[union-attr]
-    time.sleep(seconds)
+    shares: dict[Daemon, list[float]] = {n: [] for n in cluster.nodes}
+    roles: dict[Daemon, str] = {}
+    writes = []
+    for _ in range(windows):
+        leader = cluster.leader()
+        first = raft(leader).get("commit_index", 0)
+        before = {n: cpu_seconds(n.process.pid) for n in cluster.nodes}  # type: ignore[union-attr]
+        started = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        after = {n: cpu_seconds(n.process.pid) for n in cluster.nodes}   # type: ignore[union-attr]
+        if cluster.leader() is not leader:
+            print("  (the leader changed during a window: not counted)")
+            continue
+        writes.append(raft(leader).get("commit_index", 0) - first)
+        for node in cluster.nodes:
+            shares[node].append((after[node] - before[node]) / elapsed * 100)
+            roles[node] = "leader  " if node is leader else "follower"
     for node in cluster.nodes:
+        if not shares[node]:
+            continue
         pid = node.process.pid                              # type: ignore[union-attr]
-        share = (cpu_seconds(pid) - before[node]) / seconds * 100
-        role = "leader  " if node is leader else "follower"
-        print(f"  {node.data_dir.name} {role} CPU {share:5.2f} % of a core, "
-              f"RSS {rss_kib(pid) / 1024:6.1f} MiB (daemon only, engines excluded)")
+        values = ", ".join(f"{v:.2f}" for v in shares[node])
+        print(f"  {node.data_dir.name} {roles[node]} CPU {statistics.median(shares[node]):5.2f} % "
+              f"of a core (windows: {values}), RSS {rss_kib(pid) / 1024:6.1f} MiB")
+    if writes:
+        print(f"  Raft entries committed per window: {writes} (a node writes its resources when "
+              f"its free memory moves by 256 MiB, or once a minute)")
 
 
 # --- dead node to serving elsewhere ------------------------------------------------------------
@@ -180,20 +204,28 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--idle-windows", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated parts not to run: "
+                        "joins, failover, idle, dead")
     args = parser.parse_args()
+    skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="gpumesh-bench-mesh-"))
     try:
-        bench_joins(work, args.rounds)
+        if "joins" not in skip:
+            bench_joins(work, args.rounds)
         cluster = Cluster(work / "cluster", 3)
         cluster.start()
         try:
-            bench_failover(cluster, args.kills)
+            if "failover" not in skip:
+                bench_failover(cluster, args.kills)
             model = write_tiny_gguf(work / "tiny.gguf")
             deployed = cluster.nodes[0].cli("deploy", str(model), "--name", "tiny", "--wait",
                                             "--timeout", "120")
             assert deployed.returncode == 0, deployed.stderr
-            bench_idle(cluster, args.idle_seconds)
-            bench_dead_node(cluster, args.rounds)
+            if "idle" not in skip:
+                bench_idle(cluster, args.idle_seconds, args.idle_windows)
+            if "dead" not in skip:
+                bench_dead_node(cluster, args.rounds)
         finally:
             cluster.kill_all()
     finally:

@@ -4,17 +4,24 @@ are not.
 Runs on every node and acts only on the leader, which is the one node that hears from
 every other one. A node shows it is alive by what it already sends:
 
-* its node-record refresh (`node_heartbeat`, every `membership.HEARTBEAT_S`), seen when the
-  record's `heartbeat_at` changes in the leader's replica (timed by the leader's own
-  monotonic clock: no clock comparisons between machines);
 * where the store reports it, when the leader last heard the node's Raft answers
-  (`RaftStatus.peers[…].last_heard`), refreshed by every heartbeat round (~0.1 s).
+  (`RaftStatus.peers[…].last_heard`), refreshed several times a second by Raft's own
+  heartbeats: no write needed;
+* its node-record refresh (`node_heartbeat`), seen when the record's `heartbeat_at` changes
+  in the leader's replica (timed by the leader's own monotonic clock: no clock comparisons
+  between machines). Written only when the node's free memory moved, or once a minute
+  (membership.py), so it is a second witness, not the pulse.
 
 A ready node silent for longer than `grace_s` (default 5 s) is marked `unreachable`; the
 same command removes its instances, and the reconciler places them on nodes that can hold
 them (delete + create through the scheduler). A node heard from again is marked `ready`. When
 it comes back its agent finds its old instances gone from the state and stops them, so
 nothing runs twice. A new leader gives every node a full grace from the moment it leads.
+
+It wakes when something can change a verdict, not on a fixed beat: on a state change (a
+new leader, a node record), and on the leader when the first node could run out of grace
+(at most every `_MAX_CHECK_S`, and every `_CHECK_S` while a node is unreachable, to see it
+come back). A follower only waits for state changes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ log = logging.getLogger("gpumesh.liveness")
 
 DEFAULT_GRACE_S = 5.0
 _CHECK_S = 0.25
+_MAX_CHECK_S = 1.0
+_FOLLOWER_WAIT_S = 5.0          # a bound only: a new leader is a state change and wakes it
+_PAST_DEADLINE_S = 0.01         # check just after a grace runs out, not just before
 
 
 class LivenessMonitor:
@@ -43,16 +53,38 @@ class LivenessMonitor:
         self._beats: dict[str, Any] = {}            # node id -> last heartbeat_at seen
 
     async def run(self) -> None:
+        view = self._store.view
+        wait = _CHECK_S
         while True:
-            await asyncio.sleep(_CHECK_S)
+            view = await self._store.wait_changed(view.version, timeout=wait)
             status = self._store.status
             if not status.is_leader:
                 self._leading = False
+                wait = _FOLLOWER_WAIT_S
                 continue
             try:
                 await self.check_once(status, time.monotonic())
             except StateUnavailable as exc:
                 log.warning("liveness: cannot record a node's state now: %s", exc)
+            view = self._store.view
+            wait = self.next_check_in(time.monotonic())
+
+    def next_check_in(self, now: float) -> float:
+        """Seconds until a verdict could change with no state change: the first ready
+        node's grace running out (bounded by `_MAX_CHECK_S`: its Raft answers, which
+        postpone that moment, are not state changes), or `_CHECK_S` while a node is
+        unreachable (it is back once heard from, which is not a state change either)."""
+        nodes = list(self._store.view.nodes.values())
+        if any(n.get("status") == "unreachable" for n in nodes):
+            return _CHECK_S
+        deadlines = [self._heard[n["id"]] + self.grace_s for n in nodes
+                     if n.get("status") == "ready" and n["id"] in self._heard]
+        if not deadlines:
+            return _MAX_CHECK_S
+        due = min(deadlines) - now
+        if due <= 0:                 # past, yet still ready: the mark failed; try again soon
+            return _CHECK_S
+        return min(due + _PAST_DEADLINE_S, _MAX_CHECK_S)
 
     async def check_once(self, status: RaftStatus, now: float) -> None:
         view = self._store.view

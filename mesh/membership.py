@@ -11,8 +11,12 @@ At start-up, before the Raft store exists, `establish` decides one of:
 * **found**: nothing known, no token: a new cluster of one, with a new cluster id.
 
 While running, `NodePresence` registers the node record (inventory, backends, addresses),
-refreshes free memory and load every few seconds (the leader's liveness loop also reads
-these refreshes as heartbeats), and notices when this node was removed from the cluster.
+reads free memory and GPU memory every few seconds and writes them to the record when they
+moved by a step the scheduler cares about (or a minute went by), and notices when this node
+was removed from the cluster. Liveness does not need these writes: the leader hears every
+node's Raft answers ten times a second (liveness.py). An idle cluster therefore writes
+nothing, instead of one Raft entry (a journal fsync on every node, an apply, every watcher
+woken) per node every 5 s.
 
 `cluster.json` keeps the cluster id, this node's Raft address and whether its join
 completed; the Raft member list itself is the store's (`<journal>.members`, kept current
@@ -46,7 +50,11 @@ __all__ = ["ClusterIdentity", "JoinPlan", "NodePresence", "bootstrap_admin_key",
 
 log = logging.getLogger("gpumesh.membership")
 
-HEARTBEAT_S = 5.0             # node-record refresh period (free memory, load)
+HEARTBEAT_S = 5.0             # how often this node reads its free memory and load
+REFRESH_MAX_S = 60.0          # ...and writes them at least this often, changed or not
+# A change of free RAM or of a GPU's used memory smaller than this is not written: it would
+# not change a placement, and a write costs every node a journal fsync.
+MEMORY_STEP_BYTES = 256 << 20
 _JOIN_CONFIRM_DEADLINE_S = 60.0
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=3)
 
@@ -244,11 +252,13 @@ class NodePresence:
         await self._store.submit({"op": "upsert_node", "node": node}, timeout=timeout)
 
     async def run(self) -> None:
-        """Refresh the record every HEARTBEAT_S; stop the daemon as soon as this node's
-        record disappears (it was removed from the cluster)."""
+        """Read the resources every HEARTBEAT_S and write those worth writing; stop the
+        daemon as soon as this node's record disappears (it was removed from the cluster)."""
         loop = asyncio.get_running_loop()
         view = self._store.view
         next_beat = loop.time() + HEARTBEAT_S
+        written: dict[str, Any] | None = None     # what the last committed refresh carried
+        written_at = 0.0
         while True:
             view = await self._store.wait_changed(view.version,
                                                   timeout=max(0.0, next_beat - loop.time()))
@@ -258,14 +268,19 @@ class NodePresence:
             if loop.time() < next_beat:
                 continue
             next_beat = loop.time() + HEARTBEAT_S
+            resources = self._resources()
+            if not worth_writing(written, resources, age_s=loop.time() - written_at):
+                continue
             try:
                 await self._store.submit({"op": "node_heartbeat", "id": self._node_id,
-                                          "resources": self._resources(), "at": time.time()},
+                                          "resources": resources, "at": time.time()},
                                          timeout=HEARTBEAT_S)
             except CommandRejected:
                 continue                     # record gone: noticed at once on the next view
             except StateUnavailable as exc:
                 log.debug("heartbeat not committed: %s", exc)
+                continue
+            written, written_at = resources, loop.time()
 
     def _resources(self) -> dict[str, Any]:
         resources = _capped(_resources(), self._memory_limit())
@@ -295,6 +310,24 @@ def _capped(record: dict[str, Any], limit: int | None) -> dict[str, Any]:
         return record
     return {**record, **{key: min(int(record[key]), limit) for key in
                          ("memory_total_bytes", "memory_available_bytes") if key in record}}
+
+
+def worth_writing(written: dict[str, Any] | None, now: dict[str, Any], *,
+                  age_s: float) -> bool:
+    """Whether a resource reading is worth a Raft write, given the last one written
+    `age_s` seconds ago: the first one, one a minute old, or one where free RAM or a GPU's
+    used memory moved by MEMORY_STEP_BYTES or more (or the set of GPUs changed). Load alone
+    never is: nothing places by it."""
+    if written is None or age_s >= REFRESH_MAX_S:
+        return True
+    moved = abs(int(now.get("memory_available_bytes") or 0)
+                - int(written.get("memory_available_bytes") or 0))
+    if moved >= MEMORY_STEP_BYTES:
+        return True
+    before = {g["index"]: int(g["memory_used_bytes"]) for g in written.get("gpus") or ()}
+    after = {g["index"]: int(g["memory_used_bytes"]) for g in now.get("gpus") or ()}
+    return before.keys() != after.keys() or any(
+        abs(after[i] - before[i]) >= MEMORY_STEP_BYTES for i in after)
 
 
 def _resources() -> dict[str, Any]:

@@ -8,7 +8,10 @@ Ticking is event-driven (../RAFT-NOTES.md §3): each turn runs one tick without 
 polls the sockets until the next thing pysyncobj has to do by itself: the leader's next
 heartbeat, or a follower's election deadline (at most `_MAX_WAIT_S`). A submitted command
 or an arriving message wakes the poll at once (pysyncobj's pipe notifier and its sockets),
-so commits follow acks, not a timer, and an idle node sleeps ~100 ms at a time.
+so commits follow acks, not a timer. A message is handled (and answered) inside the poll;
+only one that leaves work for a tick (something to commit or apply, a command, a new
+leader or term, an election due) is followed by one, so an idle leader ticks on its
+heartbeat timer alone and an idle follower every `_MAX_WAIT_S`, not after each message.
 
 One case has no event to wake on: a leader with no peer to ack (a 1-node cluster) commits an
 entry on the tick *after* the one that appended it. For that, a leader with writes in flight
@@ -61,6 +64,9 @@ _LEADER_LEASE_S = _RAFT_MIN_TIMEOUT_S
 _MAX_WAIT_S = 0.25
 _BUSY_TICK_S = 0.001
 _BUSY_WINDOW_S = 0.05
+# Wakes that need no tick (heartbeat answers) handled in a row before ticking anyway: a
+# bound, so a stream of them can never starve the tick's own duties.
+_MAX_QUIET_WAKES = 64
 # A leader that cannot write its journal asks a caught-up follower to take over, this often.
 _HANDOFF_RETRY_S = 1.0
 
@@ -291,9 +297,9 @@ class RaftNode:
                     raft.doTick(0.0)
                     transport.flush()        # journal durable, then every message queued
                     self._publish(raft)
-                    # Messages the tick's own final poll took leave work for a next tick.
+                    # Messages the tick's own final poll took may leave work for a next tick.
                     late = raft._poller.dispatched != handled
-                    raft._poller.poll(0.0 if late else self._wait_seconds(raft))
+                    self._wait_for_work(raft, late)
                 except JournalWriteError as exc:
                     self._journal_failed(exc)
                 except Exception:  # noqa: BLE001 - one bad tick must not stop replication
@@ -351,6 +357,51 @@ class RaftNode:
             self._next_handoff = now + _HANDOFF_RETRY_S
             raft.transferLeadership(None, None)
         return failure
+
+    def _wait_for_work(self, raft: SyncObj, late: bool) -> None:
+        """Poll the sockets until the next tick has something to do.
+
+        Handling a message happens inside the poll (the handler also sends the answer, once
+        the journal is durable: transport.flush), so most messages need no tick after them.
+        An idle leader is woken by every heartbeat answer (two per round in a 3-node
+        cluster) and a follower by every heartbeat; ticking after each of those tripled the
+        leader's ticks for nothing. A wake that leaves the node idle (`_idle`) goes back to
+        the poll; a timer that fires (the poll returns with no event), a wake that brings
+        work (a write, something to commit or apply, an election), or `_MAX_WAIT_S` since
+        this tick (a follower's heartbeats alone would postpone its ticks for ever) ticks."""
+        if late and not self._idle(raft):
+            return
+        poller = raft._poller
+        # pysyncobj does its housekeeping (redials, the once-a-second journal timer,
+        # handshake deadlines) only in ticks, and a follower's heartbeats keep arriving
+        # before its own timer fires: tick at least every _MAX_WAIT_S whatever wakes it.
+        latest = clock() + _MAX_WAIT_S
+        for _ in range(_MAX_QUIET_WAKES):
+            timeout = min(self._wait_seconds(raft), latest - clock())
+            if timeout <= 0.0 or self._stopping.is_set():
+                return
+            before = poller.dispatched
+            poller.poll(timeout)
+            if poller.dispatched == before or not self._idle(raft):
+                return
+
+    def _idle(self, raft: SyncObj) -> bool:
+        """Nothing for a tick to do before its timer: no command or call queued, the log
+        committed and applied, the same leader and term as at the last tick, and (on a
+        follower) no election due or asked for."""
+        if not self._calls.empty() or internals.commands_pending(raft):
+            return False
+        if not (internals.last_log_index(raft) == raft.raftCommitIndex == raft.raftLastApplied):
+            return False
+        status = self._status
+        leader = raft._getLeader()
+        if status is None or leader is None or leader.id != status.leader \
+                or raft.raftCurrentTerm != status.term or raft._isLeader() != status.is_leader:
+            return False
+        if not status.is_leader and (internals.election_deadline(raft) <= clock()
+                                     or internals.transfer_in_progress(raft)):
+            return False
+        return True
 
     def _wait_seconds(self, raft: SyncObj) -> float:
         if internals.commands_pending(raft) or not self._calls.empty():

@@ -29,6 +29,12 @@ class (`GmTransport`, with its own connection and server classes) that speaks:
   batch of received frames, after the journal is made durable (`before_flush`): one
   fdatasync covers a burst of entries, and no ack gets ahead of the disk.
 
+* A follower repeats an unchanged ack (`next_node_idx`: success, same index) on the same link
+  at most every `ACK_REPEAT_S`: an idle leader's heartbeats (ten a second) then cost it one
+  answer in three, not every one (an idle node's CPU is mostly these wake-ups). The leader
+  learns nothing from a repeat; it still hears each follower far inside its 1.5 s fallback
+  and the 5 s liveness grace. Any ack that moves the index, and every refusal, goes out.
+
 The leader-FIN hook lives here too: when the leader's connection closes, followers start
 an election at once, in address order (`RaftNode` explains).
 """
@@ -82,6 +88,8 @@ _OWN_TYPES = prevote.MESSAGE_TYPES
 _WELCOME = {"type": "gm_welcome"}
 _REGULAR_COMMAND = 0                 # pysyncobj's _COMMAND_TYPE.REGULAR
 
+# An unchanged ack is repeated at most this often (see the module docstring).
+ACK_REPEAT_S = 0.3
 # FIN hook timing (see RaftNode): the first follower in address order campaigns after
 # ~20 ms, the next one a step later, so their requests do not split the vote.
 _FIN_ELECTION_DELAY_S = 0.02
@@ -533,7 +541,32 @@ class GmTransport(TCPTransport):
         # Called before buffered messages leave: makes the journal durable (RaftNode sets it).
         self.before_flush: Callable[[], None] = lambda: None
         self.prevote: prevote.PreVote | None = None  # RaftNode sets it
+        # node → (its link, the last ack sent on it, clock() when): see ACK_REPEAT_S
+        self._acks: dict[Any, tuple[Any, tuple[Any, ...], float]] = {}
+        self.acks_held = 0                           # repeats not sent (tests, benchmarks)
         super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if message.get("type") == "next_node_idx" and self._repeated_ack(node, message):
+            self.acks_held += 1
+            return True
+        return super().send(node, message)
+
+    def _repeated_ack(self, node: Any, message: dict[str, Any]) -> bool:
+        """Whether this ack repeats one sent on the same link less than ACK_REPEAT_S ago
+        (and records it as sent otherwise). A new link starts afresh."""
+        conn = self._connections.get(node)
+        if conn is None:
+            return False
+        link = (conn, conn.started)      # an outgoing connection object redials in place
+        key = (message["next_node_idx"], message["success"], message["reset"])
+        now = clock()
+        last = self._acks.get(node)
+        if message["success"] and not message["reset"] and last is not None \
+                and last[0] == link and last[1] == key and now - last[2] < ACK_REPEAT_S:
+            return True
+        self._acks[node] = (link, key, now)
+        return False
 
     # --- hooks TCPTransport calls ----------------------------------------------------------
 
