@@ -13,6 +13,8 @@ def _interrupted(exc: BaseException) -> bool:
 
 
 try:
+    from gpumesh.interrupts import remember_interrupts
+    remember_interrupts()        # main() asks whether a Ctrl-C came while the CLI imported
     from gpumesh.mesh.cli import main
 except BaseException as exc:   # Ctrl-C while Python is still importing: nothing started yet
     if _interrupted(exc):

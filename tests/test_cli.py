@@ -434,3 +434,42 @@ def test_a_spec_file_dry_run_plans_and_stores_nothing(node: Daemon, workdir: Pat
     assert verdicts["planned"]["action"] == "create" and verdicts["planned"]["fits"] is True
     assert verdicts["huge"]["fits"] is False and verdicts["huge"]["summary"]
     assert node.api("/api/models")[1]["data"] == []               # nothing stored
+
+
+# A Ctrl-C that an import swallows (an extension module clearing the error its optional
+# import raised clears a KeyboardInterrupt too): simulated here by catching it where it lands,
+# while the CLI imports (before main) or while `up` imports the daemon.
+_SWALLOWED = """
+import os, signal, sys
+import gpumesh.interrupts
+
+def lose_a_ctrl_c():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10000):
+            pass
+    except BaseException:
+        pass
+
+if sys.argv[1] == "importing-the-cli":
+    gpumesh.interrupts.remember_interrupts()
+    lose_a_ctrl_c()
+    from gpumesh.mesh.cli import main
+else:
+    from gpumesh.mesh.cli import main
+    import gpumesh.mesh.cli.daemon as up
+    remember = up.remember_interrupts
+    up.remember_interrupts = lambda: (remember(), lose_a_ctrl_c())
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["importing-the-cli", "importing-the-daemon"])
+def test_a_ctrl_c_an_import_swallowed_still_stops_up(workdir: Path, where: str) -> None:
+    data_dir = workdir / f"swallowed-{where}"
+    result = subprocess.run(
+        [sys.executable, "-c", _SWALLOWED, where, "up", "--data-dir", str(data_dir),
+         "--api-port", str(free_port()), "--raft-port", str(free_port())],
+        capture_output=True, text=True, timeout=30)   # without the check: a daemon running on
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert not data_dir.exists()                  # nothing started

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from gpumesh import __version__
+from gpumesh.interrupts import interrupted
 
 from ..client import ApiError
 from . import (access, cluster, completion, daemon, doctor, engines, models, restart, tui,
@@ -28,6 +29,8 @@ _GROUPS = (daemon, models, restart, engines, cluster, access, usage, tui, doctor
 
 
 def main(argv: list[str] | None = None) -> int:
+    if interrupted():                 # a Ctrl-C while this module imported, swallowed there
+        return int(Exit.INTERRUPTED)
     try:
         return _run(argv)
     except KeyboardInterrupt:         # wherever it lands, even while the parser is built

@@ -7,6 +7,8 @@ import asyncio
 from dataclasses import fields
 from typing import Any
 
+from gpumesh.interrupts import interrupted, remember_interrupts
+
 from ..config import Config, ConfigError
 from ..probes import PROBE_KINDS
 from .output import CliError, Exit, name_values
@@ -15,6 +17,7 @@ __all__ = ["register"]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    remember_interrupts()            # the daemon's imports are most of start-up (~0.3 s idle)
     from ..daemon import configure_logging, run_daemon   # the daemon's imports only when needed
 
     # Every Config field whose flag `up` defines (a new setting needs only its add_argument).
@@ -24,6 +27,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     configure_logging(config.log_level)
+    if interrupted():                # a Ctrl-C some import swallowed: nothing started yet
+        return Exit.INTERRUPTED
     return asyncio.run(run_daemon(config))
 
 
