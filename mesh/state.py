@@ -219,7 +219,7 @@ class ClusterStore:
     @property
     def running(self) -> bool:
         """Between start() and stop(): writes can be attempted."""
-        return self._raft is not None
+        return self._node.running
 
     @property
     def view(self) -> StateView:

@@ -69,11 +69,14 @@ def test_start_wait_ready_and_status(tmp_path):
 def test_stop_joins_the_tick_thread_and_later_submits_fail(tmp_path):
     async def main():
         store = _store(tmp_path)
+        assert not store.running
         await store.start()
         await store.wait_ready(READY_TIMEOUT)
+        assert store.running
         await store.submit(NODE)
         thread = raft_threads()[0]
         await store.stop()
+        assert not store.running            # (metering's stop asks, to give up at once)
         assert not thread.is_alive()
         assert raft_threads() == []
         with pytest.raises(StateUnavailable, match="not running"):
