@@ -3,7 +3,7 @@
 Each node's Raft address is 127.0.0.1:P (what its peers dial); the node itself binds
 127.0.0.X:P on a loopback address of its own, and the relay forwards 127.0.0.1:P there.
 The relay learns who dialed from the handshake's first frame (the dialer names its
-address in clear: raft/transport.py), so it knows which two nodes each connection joins.
+address in clear: raft/wire.py), so it knows which two nodes each connection joins.
 
 `cut(address)` silences every link of that node the way a partition does: no FIN, no
 RST, bytes held (here and in the kernel's buffers) and delivered when `restore` heals it,

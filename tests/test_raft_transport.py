@@ -23,8 +23,8 @@ from harness import free_port, rss_kib
 from inprocess import raft_threads
 from raftcluster import SECRET, leader_of, make_store, running_store, until
 
-from gpumesh.mesh.raft import codec, transport
-from gpumesh.mesh.raft.transport import ClientHandshake, cluster_key, frame
+from gpumesh.mesh.raft import codec, connection, transport
+from gpumesh.mesh.raft.wire import ClientHandshake, FrameCipher, cluster_key, frame
 from gpumesh.mesh.state import CommandRejected, StartupRefused
 
 # A member address no process listens on, above the real ones: the real nodes never dial
@@ -146,7 +146,7 @@ def test_a_declared_2_gib_frame_is_cut_before_anything_is_buffered(tmp_path):
 
 
 def test_silent_connections_are_cut_after_the_deadline_and_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr(transport, "HANDSHAKE_DEADLINE_S", 0.5)
+    monkeypatch.setattr(connection, "HANDSHAKE_DEADLINE_S", 0.5)
     monkeypatch.setattr(transport, "MAX_PENDING", 3)
     address = f"127.0.0.1:{free_port()}"
 
@@ -178,7 +178,7 @@ def test_a_wrong_secret_never_gets_a_message_applied(tmp_path):
             peer.send_raw(frame(codec.dumps([os.urandom(32)])))
             attack = codec.dumps({"op": "upsert_node", "node": {"id": "intruder"}})
             entry = {"type": "apply_command", "command": _command(leader, attack)}
-            peer.send_raw(transport.FrameCipher(os.urandom(32)).seal(codec.dumps(entry)))
+            peer.send_raw(FrameCipher(os.urandom(32)).seal(codec.dumps(entry)))
             assert await asyncio.to_thread(peer.closed_within, 3)
             await leader.submit({"op": "upsert_node", "node": {"id": "honest"}})
             await until(lambda: all("honest" in s.view.nodes for s in stores))

@@ -43,7 +43,8 @@ from .journal import DurableJournal, JournalWriteError
 from .members import MemberFile
 from .poller import CountingPoller
 from .prevote import PreVote
-from .transport import MIN_SECRET_LENGTH, GmTransport
+from .transport import GmTransport
+from .wire import MIN_SECRET_LENGTH
 
 __all__ = ["RaftNode", "RaftStatus", "PeerStatus"]
 
