@@ -19,6 +19,12 @@ real single-node Raft store, called with a user key that has limits (so the limi
 usage is folded into the state as in a daemon. Nothing but Python, aiohttp, msgpack and
 gpumesh (with its dependencies) is needed: no engine, no GPU, no network.
 
+Where the machine has a physical core for each process (the load, two engines, two relays,
+the gateway), each is pinned to its own core, one hardware thread of it (`--pin off` to
+leave it to the scheduler): a server that shares a core with the busy load process (SMT
+siblings) or migrates runs slower per request, and which one it is varies run to run (on a
+16-CPU host the gateway's and the relay's CPU per request swung ±20 % between runs).
+
 Run: `python bench/gateway.py` (about a minute on 16 cores; `--quick` for a smoke run).
 `--profile` runs the gateway under cProfile and prints its top functions at the end.
 `--llama` adds a real llama.cpp engine (tiny model; needs the test extra), direct and through.
@@ -193,8 +199,29 @@ async def gateway_app(engine_port: int, closing_port: int, llama_port: int | Non
     return app
 
 
+def physical_cores() -> list[int]:
+    """One logical CPU per physical core this process may run on (the lowest-numbered
+    hardware thread of each), in order."""
+    chosen: dict[tuple[str, str], int] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = ((topology / "physical_package_id").read_text().strip(),
+                    (topology / "core_id").read_text().strip())
+        except OSError:
+            core = ("?", str(cpu))           # no topology: each CPU its own core
+        chosen.setdefault(core, cpu)
+    return list(chosen.values())
+
+
+CPU_ENV = "GPUMESH_BENCH_CPU"     # the logical CPU a server process pins itself to
+
+
 def serve(role: str, port: int, engine_port: int, closing_port: int, llama_port: int,
           workdir: Path, profile: bool) -> None:
+    if os.environ.get(CPU_ENV):
+        os.sched_setaffinity(0, {int(os.environ[CPU_ENV])})    # its threads inherit it
+
     async def main() -> None:
         if role == "engine":
             app = engine_app()
@@ -238,7 +265,7 @@ class Server:
 
     def __init__(self, role: str, *, engine_port: int = 0, closing_port: int = 0,
                  llama_port: int = 0, workdir: Path | None = None,
-                 profile: bool = False) -> None:
+                 profile: bool = False, cpu: int | None = None) -> None:
         from harness import free_port
         self.role = role
         self.port = free_port()
@@ -252,8 +279,9 @@ class Server:
         # Its stderr goes to a file (a pipe nobody reads could fill and stall it): shown when
         # it fails to start, and the profile is read from it at the end.
         self.stderr = tempfile.TemporaryFile(mode="w+", prefix=f"gpumesh-bench-{role}-")
+        env = {**os.environ, CPU_ENV: str(cpu) if cpu is not None else ""}
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
-                                        stderr=self.stderr)
+                                        stderr=self.stderr, env=env)
         line = self.process.stdout.readline() if self.process.stdout else ""
         if line.strip() != "ready":
             self.process.kill()
@@ -415,6 +443,9 @@ def main() -> int:
                         help="which to run (default: all four)")
     parser.add_argument("--llama", action="store_true",
                         help="also a real llama.cpp engine (tiny model), direct and through")
+    parser.add_argument("--pin", choices=("auto", "off"), default="auto",
+                        help="auto (default): a physical core per process where there are "
+                             "enough; off: leave placement to the scheduler")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]), args.engine_port, args.closing_port,
@@ -424,13 +455,18 @@ def main() -> int:
         args.requests_1, args.requests_32, args.rounds = 100, 300, 1
 
     workdir = Path(tempfile.mkdtemp(prefix="gpumesh-bench-gateway-"))
+    cores = physical_cores() if args.pin == "auto" else []
+    # The load, the two engines, the two relays, the gateway: a core each, or no pinning.
+    pins: list[int | None] = list(cores[:6]) if len(cores) >= 6 else [None] * 6
+    if pins[0] is not None:
+        os.sched_setaffinity(0, {pins[0]})
     servers: list[Server] = []
     llama = None
     gateway: Server | None = None
     try:
-        engine = Server("engine")
+        engine = Server("engine", cpu=pins[1])
         servers.append(engine)
-        closing = Server("closing-engine")
+        closing = Server("closing-engine", cpu=pins[2])
         servers.append(closing)
         llama_port = 0
         if args.llama:
@@ -440,19 +476,22 @@ def main() -> int:
                                 "-np", "4")
             llama.wait_healthy()
             llama_port = llama.port
-        relay = Server("relay", engine_port=engine.port)
+        relay = Server("relay", engine_port=engine.port, cpu=pins[3])
         servers.append(relay)
-        closing_relay = Server("relay", engine_port=closing.port)
+        closing_relay = Server("relay", engine_port=closing.port, cpu=pins[4])
         servers.append(closing_relay)
         gateway = Server("gateway", engine_port=engine.port, closing_port=closing.port,
-                         llama_port=llama_port, workdir=workdir, profile=args.profile)
+                         llama_port=llama_port, workdir=workdir, profile=args.profile,
+                         cpu=pins[5])
         servers.append(gateway)
         keys = json.loads((workdir / "keys.json").read_text())
         user_key = keys["user"]
         print(f"gpumesh gateway bench · {os.cpu_count()} CPUs · load "
               f"{os.getloadavg()[0]:.1f} · a process per server and one for the load · "
-              f"{args.rounds} round(s) per figure, the median shown\n"
-              "x relay: throughput (or CPU per request) over the bare relay's; +p50: what "
+              f"{args.rounds} round(s) per figure, the median shown · "
+              + (f"pinned: load, engines, relays, gateway on CPUs {pins} (a core each)\n"
+                 if pins[0] is not None else "not pinned\n")
+              + "x relay: throughput (or CPU per request) over the bare relay's; +p50: what "
               "the path adds to the engine's own p50\n")
         deadline = time.perf_counter() + args.budget
         keeping = [Row("engine direct", engine, None, "bench", "bare aiohttp relay",

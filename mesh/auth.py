@@ -1,4 +1,4 @@
-"""Who is calling: API keys, users and roles, and the one auth middleware for /v1 and /api.
+"""Who is calling: API keys, users and roles, and the one auth check for /v1 and /api.
 
 Keys look like `gm-<id>-<secret>`: the id lets people name a key (`gpumesh keys revoke ID`)
 without holding it, and the secret carries 256 bits. Only the SHA-256 of the whole key is
@@ -7,7 +7,8 @@ brute-force), and it lets every node check a key with one dict lookup on the hot
 
 A key belongs to a user; the user's role (`admin` or `user`) is the key's role. A key may
 expire and may be limited to some models; keys and users may carry rate limits. The
-middleware turns the caller's key into a `Principal` (cached per state version, so the hot
+auth check (run by the node's one middleware, before every handler) turns the caller's
+key into a `Principal` (cached per state version, so the hot
 path is a hash and two dict lookups) and puts it on the request under `PRINCIPAL`: routes,
 limits and metering all read that one object.
 
@@ -29,7 +30,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -166,13 +167,12 @@ def principal_of(record: dict[str, Any], users: dict[str, dict[str, Any]]) -> Pr
         user_limits=(user or {}).get("limits") or None)
 
 
-# --- the middleware --------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# --- the auth check ---------------------------------------------------------------------------
 
 
 class Authenticator:
-    """The auth middleware of a node, with its per-state-version cache of principals."""
+    """The auth check of a node (run by its one middleware), with its per-state-version
+    cache of principals."""
 
     def __init__(self, view: Callable[[], Any], cluster_secret: str) -> None:
         self._view = view
@@ -204,11 +204,14 @@ class Authenticator:
             # Copy-on-write state: a new dict means keys or users changed; rebuild lazily.
             self._keys, self._users, self._cache, self._by_header = keys, users, {}, {}
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def admit(self, request: web.Request) -> web.Response | None:
+        """Put the caller's `Principal` on the request, or return the error to answer.
+
+        Synchronous: the node's one middleware (errors.error_middleware_with) runs it
+        before the handler, so auth adds no coroutine layer to every request."""
         path = request.path
         if path in OPEN_PATHS or not path.startswith(_GUARDED):
-            return await handler(request)
+            return None
         forwarded = request.headers.get(FORWARD_HEADER)
         if forwarded is not None:
             if not hmac.compare_digest(forwarded.encode("utf-8", "replace"),
@@ -216,7 +219,7 @@ class Authenticator:
                 return openai_error(401, "invalid gateway forward token",
                                     code="invalid_api_key")
             request[PRINCIPAL] = NODE
-            return await handler(request)
+            return None
         principal = self._check_key(request)
         if type(principal) is not Principal:     # (isinstance of a Response: an ABC check)
             return principal
@@ -225,7 +228,7 @@ class Authenticator:
                 return openai_error(403, "this API key may not manage the cluster "
                                     "(admin only)", type_="permission_error", code="forbidden")
         request[PRINCIPAL] = principal
-        return await handler(request)
+        return None
 
     def _check_key(self, request: web.Request) -> Principal | web.Response:
         self._follow_state()

@@ -47,7 +47,7 @@ from .banner import print_banner
 from .cluster_api import ClusterApi, ClusterContext
 from .config import Config
 from .datadir import DataDir, DataDirInUse, DataDirLock
-from .errors import error_middleware
+from .errors import error_middleware_with
 from .events import log_state_changes
 from .gateway import Gateway, GatewaySettings, RouteTable
 from .limits import Limiter
@@ -422,7 +422,8 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
         cluster_secret = cluster.secret
     cluster_secret = cluster_secret or secrets.token_urlsafe(32)
     auth = Authenticator(lambda: store.view, cluster_secret)
-    app = web.Application(middlewares=[error_middleware, auth.middleware],
+    # One middleware: errors in OpenAI's shape, and the auth check before the handler.
+    app = web.Application(middlewares=[error_middleware_with(auth.admit)],
                           client_max_size=max_body_bytes)
     ManagementApi(store, node_id, started, backends).add_routes(app)
     ClusterApi(store, node_id, started, session, cluster).add_routes(app)

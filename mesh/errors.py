@@ -8,11 +8,12 @@ large) all speak it. An unexpected exception is logged with its traceback and an
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
-__all__ = ["openai_error", "error_middleware", "write_unavailable"]
+__all__ = ["Admission", "openai_error", "error_middleware", "error_middleware_with",
+           "write_unavailable"]
 
 log = logging.getLogger("gpumesh.http")
 
@@ -46,22 +47,44 @@ def write_unavailable(exc: Exception) -> web.Response:
                         type_="server_error", code="no_quorum", headers={"Retry-After": "2"})
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = {404: f"no route {request.method} {request.path}",
-                   405: f"{request.method} is not allowed on {request.path}",
-                   413: f"the request body is larger than {request.app._client_max_size} bytes",
-                   }.get(exc.status, exc.text or exc.reason)
-        return openai_error(exc.status, message, headers=_allow_header(exc))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return openai_error(500, "internal error in gpumesh; the node's log has the details",
-                            code="internal_error")
+# A synchronous check run before the handler, inside the same middleware: the caller's
+# refusal (an error response), or None to go on (it may annotate the request).
+Admission = Callable[[web.Request], "web.StreamResponse | None"]
+
+
+def error_middleware_with(admit: Admission | None = None) -> Callable[..., Any]:
+    """The error middleware, running `admit` (the node's auth check) first, in one layer.
+
+    One layer, not an auth middleware inside an error middleware: every coroutine frame
+    between aiohttp and the handler is entered again each time a request resumes (when the
+    engine's headers arrive, when its body does …), so a layer costs on every wake-up of
+    every request, and the gateway's event loop is its bound under load."""
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if admit is not None:
+                refusal = admit(request)
+                if refusal is not None:
+                    return refusal
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {404: f"no route {request.method} {request.path}",
+                       405: f"{request.method} is not allowed on {request.path}",
+                       413: f"the request body is larger than "
+                            f"{request.app._client_max_size} bytes",
+                       }.get(exc.status, exc.text or exc.reason)
+            return openai_error(exc.status, message, headers=_allow_header(exc))
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return openai_error(500, "internal error in gpumesh; the node's log has the "
+                                "details", code="internal_error")
+    return middleware
+
+
+# Errors only (no admission check): for apps without auth.
+error_middleware = error_middleware_with()
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
