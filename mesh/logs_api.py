@@ -67,7 +67,10 @@ class InstanceLogs:
         data = await asyncio.to_thread(_last_lines, path, tail, position)
         await response.write(data)
         if follow:
-            await self._follow(response, path, instance_id, position, inode)
+            try:
+                await self._follow(response, path, instance_id, position, inode)
+            except ConnectionResetError:        # the client left: how a follow usually ends
+                return response
         await response.write_eof()
         return response
 
@@ -90,6 +93,7 @@ class InstanceLogs:
             return openai_error(502, f"node {node_id} of this instance has no API address",
                                 type_="server_error", code="node_unreachable")
         headers = {"Authorization": f"Bearer {key_from_request(request)}"}
+        response: web.StreamResponse | None = None
         try:
             async with self._session.get(url + request.path_qs, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=None,
@@ -102,6 +106,8 @@ class InstanceLogs:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            if response is not None and response.prepared:
+                return response     # the answer has begun (our client left, say): no 502 now
             return openai_error(502, f"node {node.get('name', node_id)} ({url}) did not answer "
                                 f"for its logs: {type(exc).__name__}", type_="server_error",
                                 code="node_unreachable")

@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from harness import free_port
 from inprocess import InProcessNode, http_request, instance_record
@@ -65,6 +66,53 @@ def test_another_node_proxies_to_the_owner_with_the_callers_key(cluster) -> None
     refused = asyncio.run(http_request(urls["node-b"] + "/api/instances/i-1/logs", "GET",
                                        key="gm-0000-wrong"))
     assert refused.status == 401
+
+
+def test_a_follower_that_leaves_ends_the_follow_quietly(cluster, caplog) -> None:
+    """A client gone mid-follow (Ctrl-C on `gpumesh logs -f`) is how a follow usually ends:
+    not an 'unhandled error' with a traceback in the daemon's log. Served the daemon's way
+    (aiohttp's AppRunner, whose handlers run on after the client left: TestServer cancels
+    them, which hid this)."""
+    node, urls, key, log = cluster
+    handlers: list[web.Request] = []
+
+    @web.middleware
+    async def track(request: web.Request, handler):     # noqa: ANN001
+        handlers.append(request)
+        try:
+            return await handler(request)
+        finally:
+            handlers.remove(request)
+
+    async def serve() -> tuple[web.AppRunner, int]:
+        app = http_app(node.store, "node-a", node.session, time.time(), lambda: [],
+                       log_dir=log.path.parent)
+        app.middlewares.insert(0, track)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
+    runner, port = node.call(serve())
+    try:
+        async def leave() -> None:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/api/instances/i-1/logs"
+                                       "?tail=0&follow=1",
+                                       headers={"Authorization": f"Bearer {key}"}) as reply:
+                    assert reply.status == 200
+                    log.write(b"seen before leaving\n")
+                    await asyncio.wait_for(reply.content.readline(), 10)
+        with caplog.at_level("ERROR", logger="gpumesh.http"):
+            asyncio.run(leave())
+            deadline = time.monotonic() + 20
+            while handlers:                     # its next write finds the client gone
+                assert time.monotonic() < deadline, "the follow went on after its client left"
+                log.write(b"written after the client left\n")
+                time.sleep(0.3)
+        assert not [r for r in caplog.records if r.name == "gpumesh.http"], caplog.text
+    finally:
+        node.call(runner.cleanup())
 
 
 def test_follow_streams_new_lines_and_ends_when_the_instance_goes(cluster) -> None:
