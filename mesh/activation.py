@@ -142,9 +142,10 @@ class Activation:
     async def run(self) -> None:
         """Send what this node served, at most once per flush interval, until cancelled."""
         while True:
-            try:
-                await asyncio.wait_for(self._nudge.wait(), self._flush_interval())
-            except asyncio.TimeoutError:
+            try:               # (asyncio.timeout: wait_for can swallow a cancel, state.py)
+                async with asyncio.timeout(self._flush_interval()):
+                    await self._nudge.wait()
+            except TimeoutError:
                 pass
             self._nudge.clear()
             await self.flush()

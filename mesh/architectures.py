@@ -53,9 +53,10 @@ class ArchitectureReporter:
     async def run(self) -> None:
         while True:
             pending = await self.report_missing()
-            try:
-                await asyncio.wait_for(self._wake.wait(), _RETRY_S if pending else None)
-            except asyncio.TimeoutError:
+            try:               # (asyncio.timeout: wait_for can swallow a cancel, state.py)
+                async with asyncio.timeout(_RETRY_S if pending else None):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
 

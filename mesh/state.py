@@ -237,9 +237,13 @@ class ClusterStore:
         Leader and membership changes count as changes too (the view's version moves)."""
         if self._version == version:
             event = self._changed
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # arrives as the event is set (it returns instead), and the agent's and the
+            # reconciler's loops around this call then never stopped (a stop that hung).
             try:
-                await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+            except TimeoutError:
                 pass                     # no change in time: the caller re-checks anyway
         return self.view
 

@@ -199,6 +199,34 @@ def test_wait_changed_wakes_on_a_write(tmp_path):
     _run(tmp_path, body)
 
 
+def test_a_cancel_that_arrives_with_a_change_is_never_lost(tmp_path):
+    """Loops around wait_changed (the agent's, the reconciler's) stop when cancelled, even
+    when the cancel lands in the same moment as a change. With asyncio.wait_for on Python
+    3.11 half of these cancels were swallowed (wait_for returned the view instead), and a
+    daemon's or a test's stop waited forever for those loops."""
+    async def body(store):
+        lost = tried = 0
+        for spins in range(4):          # cancel 0..3 loop turns after the change
+            for _ in range(10):
+                task = asyncio.create_task(store.wait_changed(store.view.version, timeout=5))
+                for _ in range(3):
+                    await asyncio.sleep(0)      # it waits now
+                store._wake_watchers()          # a change, as the Raft thread signals it
+                for _ in range(spins):
+                    await asyncio.sleep(0)
+                if not task.cancel():
+                    continue                    # it returned first: nothing to lose
+                tried += 1
+                try:
+                    await task
+                    lost += 1
+                except asyncio.CancelledError:
+                    pass
+        return lost, tried
+    lost, tried = _run(tmp_path, body)
+    assert tried > 0 and lost == 0, (lost, tried)
+
+
 def test_wait_changed_times_out_without_a_write(tmp_path):
     async def body(store):
         before = store.view
