@@ -32,7 +32,8 @@ from typing import AsyncIterator, Callable
 from aiohttp import web
 
 from .scheduler.demand import DEFAULT_IDLE_TIMEOUT_S, is_on_demand
-from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
+from .replicated import StateView
+from .state import ClusterStore, CommandRejected, StateUnavailable
 
 __all__ = ["ACTIVATION", "Activation", "FLUSH_INTERVAL_S", "WAKE_TIMEOUT_S"]
 

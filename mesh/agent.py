@@ -25,7 +25,8 @@ from .rpc_workers import RpcWorker, rpc_duties
 from .runtimes.base import Runtime
 from .runtimes.container import ContainerRuntime
 from .runtimes.process import ProcessRuntime
-from .state import ClusterStore, CommandRejected, StateView
+from .replicated import StateView
+from .state import ClusterStore, CommandRejected
 
 __all__ = ["NodeAgent"]
 

@@ -23,7 +23,8 @@ from .errors import openai_error
 from .scheduler.architectures import architecture_check
 from .scheduler.demand import is_on_demand
 from .deployments import DeploymentError, validate_replicas
-from .state import ClusterStore, StateView
+from .replicated import StateView
+from .state import ClusterStore
 
 __all__ = ["ManagementApi", "model_summary"]
 

@@ -44,7 +44,8 @@ from .api import model_summary
 from .auth import key_from_request
 from .errors import openai_error
 from .events import describe_changes
-from .state import ClusterStore, StateView
+from .replicated import StateView
+from .state import ClusterStore
 
 __all__ = ["EventStream", "public_snapshot", "state_changes"]
 

@@ -19,7 +19,8 @@ from aiohttp import web
 from .auth import PRINCIPAL
 from .commands.usage import ROW_FIELDS
 from .errors import openai_error
-from .state import ClusterStore, StateView
+from .replicated import StateView
+from .state import ClusterStore
 
 __all__ = ["UsageApi", "parse_time", "usage_report"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from .state import ClusterStore, RaftStatus, StateView
+from .replicated import StateView
+from .state import ClusterStore, RaftStatus
 
 __all__ = ["describe_changes", "log_state_changes"]
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping
 from .commands.nodes import nodes_used
 from .scheduler import ClusterIndex, Placement, Scheduler
 from .scheduler.demand import EVICT_IDLE_S, plan_eviction, wanted_replicas
-from .state import ClusterStore, CommandRejected, StateUnavailable, StateView
+from .replicated import StateView
+from .state import ClusterStore, CommandRejected, StateUnavailable
 
 __all__ = ["ReplicaReconciler", "decide"]
 

@@ -2,9 +2,10 @@
 
 Layers, bottom up (the shape Patroni gives its pysyncobj module):
 
-* `_ReplicatedDocument` is a pysyncobj consumer holding the state collections. Its single
-  replicated method takes a msgpack-encoded command; `commands.apply_command` does the work.
-  Only plain data is stored, so snapshots hold nothing but dicts, lists and scalars.
+* `replicated.ReplicatedDocument` is a pysyncobj consumer holding the state collections. Its
+  single replicated method takes a msgpack-encoded command; `commands.apply_command` does
+  the work. Only plain data is stored, so snapshots hold nothing but dicts, lists and
+  scalars. Readers get a `replicated.StateView` of it.
 * `raft.node.RaftNode` owns pysyncobj's `SyncObj` and the thread that ticks it
   (event-driven, see its docstring), and publishes a `RaftStatus` after every tick.
 * `ClusterStore.submit()` is the only way the asyncio side writes: it hands the command to
@@ -27,17 +28,17 @@ import logging
 import secrets
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import msgpack
-from pysyncobj import FAIL_REASON, SyncObjConsumer, replicated
+from pysyncobj import FAIL_REASON
 
-from .commands import State, apply_command, empty_state
 from .raft.errors import (CommandRejected, NotLeader, StartupRefused, StateUnavailable,
                           StorageFull, WriteOutcomeUnknown)
 from .raft.node import PeerStatus, RaftNode, RaftStatus
+from .replicated import ReplicatedDocument, StateView
 
-__all__ = ["ClusterStore", "RaftStatus", "PeerStatus", "StateView", "StateUnavailable",
+__all__ = ["ClusterStore", "RaftStatus", "PeerStatus", "StateUnavailable",
            "WriteOutcomeUnknown", "StorageFull", "NotLeader", "StartupRefused",
            "CommandRejected"]
 
@@ -48,93 +49,6 @@ _MEMBERSHIP_RETRY_S = 0.05
 MAX_COMMAND_BYTES = 1 << 20
 _RETRY_FIRST_S = 0.01
 _RETRY_MAX_S = 0.2
-
-
-class StateView:
-    """A read-only snapshot of the replicated state. Cheap to make; never changes."""
-
-    def __init__(self, state: State, version: int) -> None:
-        self._state = state
-        self.version = version
-
-    @property
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        return self._state["nodes"]
-
-    @property
-    def models(self) -> dict[str, dict[str, Any]]:
-        return self._state["models"]
-
-    @property
-    def instances(self) -> dict[str, dict[str, Any]]:
-        return self._state["instances"]
-
-    def instances_of(self, model: str) -> list[dict[str, Any]]:
-        return [i for i in self._state["instances"].values() if i["model"] == model]
-
-    def instances_on(self, node_id: str) -> Iterator[dict[str, Any]]:
-        return (i for i in self._state["instances"].values() if i["node_id"] == node_id)
-
-    def api_key(self, key_hash: str) -> dict[str, Any] | None:
-        return self._state["api_keys"].get(key_hash)
-
-    @property
-    def api_keys(self) -> dict[str, dict[str, Any]]:
-        return self._state["api_keys"]
-
-    @property
-    def join_tokens(self) -> dict[str, dict[str, Any]]:
-        return self._state.get("join_tokens", {})   # absent from snapshots made before it
-
-    @property
-    def users(self) -> dict[str, dict[str, Any]]:
-        return self._state.get("users", _EMPTY)
-
-    @property
-    def usage(self) -> dict[str, dict[str, Any]]:
-        """Metered usage by hour: {hour start (str): {row id: row}} (commands/usage.py)."""
-        return self._state.get("usage", _EMPTY)
-
-    @property
-    def engine_architectures(self) -> dict[str, dict[str, Any]]:
-        """"ENGINE==VERSION" -> the architectures that engine version serves (commands/engines.py)."""
-        return self._state.get("engine_architectures", _EMPTY)
-
-    @property
-    def rates(self) -> dict[str, dict[str, Any]]:
-        """Each node's last report of its limit counters (commands/usage.py)."""
-        return self._state.get("rates", _EMPTY)
-
-
-_EMPTY: dict[str, Any] = {}
-
-
-class _ReplicatedDocument(SyncObjConsumer):
-    """The replicated collections. pysyncobj snapshots every attribute set after __init__."""
-
-    def __init__(self, on_applied: Callable[[], None]) -> None:
-        self._on_applied = on_applied   # set before super().__init__: not part of snapshots
-        super().__init__()
-        self.state: State = empty_state()
-
-    @replicated
-    def _apply(self, payload: bytes) -> dict[str, Any]:
-        # Runs on the Raft thread, on every node, in log order. A committed entry that
-        # raised here would be retried on every tick forever, so bad bytes are a refusal.
-        try:
-            command = msgpack.unpackb(payload, raw=False)
-        except Exception:  # noqa: BLE001 - msgpack raises several types for bad bytes
-            command = None
-        if not isinstance(command, dict):
-            return {"error": "the command is not a msgpack map", "code": "bad_command"}
-        self.state, result = apply_command(self.state, command)
-        self._on_applied()
-        return result
-
-    def _deserialize(self, data: dict[str, Any]) -> None:
-        # A snapshot was loaded (restart, or a follower catching up): readers must re-read.
-        super()._deserialize(data)
-        self._on_applied()
 
 
 class ClusterStore:
@@ -152,7 +66,7 @@ class ClusterStore:
                  snapshot_file: Path, secret: str, bind_host: str) -> None:
         self._self_address = self_address
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._document = _ReplicatedDocument(self._signal_applied)
+        self._document = ReplicatedDocument(self._signal_applied)
         self._node = RaftNode(self_address=self_address, partners=list(partners),
                               bind_host=bind_host, secret=secret, journal_file=journal_file,
                               snapshot_file=snapshot_file, consumers=[self._document],

@@ -23,7 +23,7 @@ from gpumesh.mesh.api_events import state_changes
 from gpumesh.mesh.auth import ADMIN, USER, new_api_key
 from gpumesh.mesh.commands import empty_state
 from gpumesh.mesh.deployments import build_model_record
-from gpumesh.mesh.state import StateView
+from gpumesh.mesh.replicated import StateView
 from gpumesh.tui.client import ApiError, NodeClient
 
 NODES = ("node-ev-a", "node-ev-b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gpumesh.mesh.commands import apply_command, empty_state
 from gpumesh.mesh.events import describe_changes
-from gpumesh.mesh.state import StateView
+from gpumesh.mesh.replicated import StateView
 
 
 def _node(node_id="n1", status="ready", name=None):

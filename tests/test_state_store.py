@@ -14,7 +14,8 @@ import pytest
 from harness import free_port
 from inprocess import raft_threads
 
-from gpumesh.mesh.state import (ClusterStore, CommandRejected, StateUnavailable, StateView,
+from gpumesh.mesh.replicated import StateView
+from gpumesh.mesh.state import (ClusterStore, CommandRejected, StateUnavailable,
                                 WriteOutcomeUnknown)
 
 READY_TIMEOUT = 10.0
