@@ -17,14 +17,12 @@ a closed store), and the HTTP site stops first of all (no new requests while dra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import secrets
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine
@@ -66,6 +64,7 @@ from .scheduler import Scheduler
 from .scheduler.routes import SCHEDULER, EvaluateApi
 from .sources.reporter import reporter_part
 from .sources.routes import MODEL_CACHE, SourcesApi
+from .startup import bind_socket, owned_task, port_problem
 from .state import ClusterStore, CommandRejected, StateUnavailable
 from .telemetry import TELEMETRY, TelemetrySampler, add_telemetry_routes
 
@@ -120,7 +119,7 @@ class Daemon:
         # starting Raft take seconds, and a port only checked could be taken meanwhile (then
         # a joiner would be a member that never serves).
         try:
-            self._api_socket = _bind(self.config.host, self.config.api_port)
+            self._api_socket = bind_socket(self.config.host, self.config.api_port)
         except OSError as exc:
             log.error("cannot listen on %s:%d (--api-port): %s", self.config.host,
                       self.config.api_port, exc.strerror or exc)
@@ -131,7 +130,7 @@ class Daemon:
             self._api_socket.close()
 
     async def _serve(self) -> int:
-        if problem := _port_problem(self.config.raft_host, self.config.raft_port):
+        if problem := port_problem(self.config.raft_host, self.config.raft_port):
             log.error("cannot listen on %s:%d (--raft-port): %s", self.config.raft_host,
                       self.config.raft_port, problem)
             return 1
@@ -190,7 +189,7 @@ class Daemon:
                                      self.config.raft_address)
             self._announce()
             # mDNS registration probes the name for ~1 s first: never hold the node up for it.
-            async with _owned_task(self._advertise(), "mdns-advertise"):
+            async with owned_task(self._advertise(), "mdns-advertise"):
                 await self._stop.wait()
             log.info("shutting down: stopping engines (Ctrl-C again to force)")
             return 0
@@ -295,7 +294,7 @@ class Daemon:
                                 backends=self.backends, on_removed=self._stop.set,
                                 gpu_usage=self.telemetry.gpu_memory_used)
         await presence.register("ready")
-        async with _owned_task(presence.run(), "node-presence"):
+        async with owned_task(presence.run(), "node-presence"):
             yield
         if presence.removed:
             return                    # no record to update: re-creating it would be a ghost
@@ -316,23 +315,23 @@ class Daemon:
                                    healthy_uptime_s=self.config.engine_healthy_uptime_s),
                                engine_secret=self.data.engine_secret())
         await self.agent.recover()                  # before the site binds: no stale "running"
-        async with _owned_task(self.agent.run(), "node-agent"):
+        async with owned_task(self.agent.run(), "node-agent"):
             yield
         await self.agent.stop()
 
     async def _reconciler_part(self, app: web.Application) -> AsyncIterator[None]:
         scheduler = app[SCHEDULER]
-        async with _owned_task(ReplicaReconciler(self.store, scheduler).run(), "reconciler"):
+        async with owned_task(ReplicaReconciler(self.store, scheduler).run(), "reconciler"):
             yield
 
     async def _liveness_part(self, app: web.Application) -> AsyncIterator[None]:
         """Leader only: nodes silent past the grace are unreachable; their instances move."""
         assert self.store is not None
-        async with _owned_task(LivenessMonitor(self.store).run(), "liveness"):
+        async with owned_task(LivenessMonitor(self.store).run(), "liveness"):
             yield
 
     async def _event_log_part(self, app: web.Application) -> AsyncIterator[None]:
-        async with _owned_task(log_state_changes(self.store), "event-log"):
+        async with owned_task(log_state_changes(self.store), "event-log"):
             yield
 
     async def _architectures_part(self, app: web.Application) -> AsyncIterator[None]:
@@ -340,7 +339,7 @@ class Daemon:
         assert self.store is not None
         self.architectures = ArchitectureReporter(self.store, self.node_id,
                                                   lambda: self.backends, self.versions)
-        async with _owned_task(self.architectures.run(), "engine-architectures"):
+        async with owned_task(self.architectures.run(), "engine-architectures"):
             yield
 
     # --- after start-up --------------------------------------------------------------------
@@ -478,54 +477,3 @@ def _check_gpu_labels(labels: dict[str, dict[str, str]], offered: list[int]) -> 
         have = (f"GPUs {', '.join(map(str, offered))}" if offered else "no GPU")
         raise ProbeUnavailable(f"--gpu-label names GPU {', '.join(unknown)}, but this node "
                                f"offers {have}")
-
-
-@contextlib.asynccontextmanager
-async def _owned_task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
-    """The task lives exactly as long as the `async with` block that owns it."""
-    task = asyncio.create_task(coro, name=name)
-    task.add_done_callback(_log_crash)
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-def _log_crash(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, not yet listening (connections are refused until the
-    site listens, not queued)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                         socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _port_problem(host: str, port: int) -> str | None:
-    """Say why `port` cannot be bound, before anything is started (uvicorn checks late and
-    has to undo; checking first gives the common mistake a one-line answer)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # pysyncobj logs every reconnect attempt at INFO; our own lines say what matters.
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING)

@@ -18,7 +18,8 @@ __all__ = ["register"]
 
 def cmd_up(args: argparse.Namespace) -> int:
     remember_interrupts()            # the daemon's imports are most of start-up (~0.3 s idle)
-    from ..daemon import configure_logging, run_daemon   # the daemon's imports only when needed
+    from ..daemon import run_daemon   # the daemon's imports only when needed
+    from ..startup import configure_logging
 
     # Every Config field whose flag `up` defines (a new setting needs only its add_argument).
     flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}

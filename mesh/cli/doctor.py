@@ -27,6 +27,7 @@ from gpumesh import __version__
 
 from ..config import Config, ConfigError
 from ..datadir import DataDir
+from ..startup import port_problem
 from .output import (CliError, Exit, Styled, add_json_flag, colour_enabled, name_values,
                      print_result, status_cell)
 
@@ -151,7 +152,7 @@ def _ports(config: Config) -> Iterator[Check]:
                                    ("raft port", "--raft-port", config.raft_host,
                                     config.raft_port)):
         details = {"host": host, "port": port}
-        problem = _bind_problem(host, port)
+        problem = port_problem(host, port)
         if problem is None:
             yield Check(name, "ok", f"{host}:{port} is free", details=details)
         elif ours is not None and ours.get(name) == port:
@@ -162,17 +163,6 @@ def _ports(config: Config) -> Iterator[Check]:
                         f"find the program with `ss -ltnp 'sport = :{port}'` and stop it, or "
                         f"pass {flag} (or set GPUMESH_{flag[2:].upper().replace('-', '_')})",
                         details)
-
-
-def _bind_problem(host: str, port: int) -> str | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
 
 
 def _running_daemon(config: Config) -> dict[str, Any] | None:
