@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -37,12 +36,12 @@ from gpumesh.modelfiles import ModelFileError, find_mmproj, resolve_model_file
 
 from .rpc_workers import layer_split
 from .runtimes.base import EngineHandle, EngineStartError, Runtime, StartRequest
-from .runtimes.logfile import log_files
+from .runtimes.logfile import engine_error_line, log_files
 from .auth import engine_key
 from .sources import SourceError, fetch_source
 from .state import ClusterStore, CommandRejected, StateUnavailable
 
-__all__ = ["InstanceSupervisor", "Timings", "engine_error_line", "restart_generation"]
+__all__ = ["InstanceSupervisor", "Timings", "restart_generation"]
 
 log = logging.getLogger("gpumesh.agent")
 
@@ -457,27 +456,6 @@ class InstanceSupervisor:
         except OSError:
             return "(no log)"
         return engine_error_line(text.splitlines())
-
-
-# Lines that say what went wrong, in engines' own words, strongest first.
-_ERROR_PATTERNS = (
-    re.compile(r"\berror: .+", re.IGNORECASE),                # argparse, llama.cpp
-    re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception): .+"),
-    re.compile(r"\b(?:ERROR|CRITICAL|FATAL)\b.+"),
-    re.compile(r"\b(?:error|failed|cannot|could not)\b.+", re.IGNORECASE),
-)
-_NOISE = re.compile(r"^(?:usage:|\s+[-\[]|--- .*gpumesh guard: engine exited)")
-
-
-def engine_error_line(lines: list[str]) -> str:
-    """The most telling line of an engine's output: its own error line, not the usage text
-    around it (argparse prints a usage block before `prog: error: ...`), else its last line."""
-    useful = [ln.strip() for ln in lines if ln.strip() and not _NOISE.match(ln)]
-    for pattern in _ERROR_PATTERNS:
-        for line in reversed(useful):
-            if pattern.search(line):
-                return line[:500]
-    return useful[-1][:500] if useful else "(no output)"
 
 
 def restart_generation(instance: dict[str, Any]) -> int:

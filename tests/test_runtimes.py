@@ -15,7 +15,7 @@ from pathlib import Path
 from harness import pid_alive
 
 from gpumesh.backends.base import LaunchSpec
-from gpumesh.mesh.instance import engine_error_line
+from gpumesh.mesh.runtimes.logfile import engine_error_line
 from gpumesh.mesh.runtimes.base import StartRequest
 from gpumesh.mesh.runtimes.guard import EXIT_NOT_STARTED, redacted
 from gpumesh.mesh.runtimes.logfile import RotatingLog, log_files

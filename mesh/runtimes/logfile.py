@@ -8,10 +8,11 @@ container's log stream), so the standard library only.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
-__all__ = ["DEFAULT_KEEP", "DEFAULT_MAX_BYTES", "RotatingLog", "log_files"]
+__all__ = ["DEFAULT_KEEP", "DEFAULT_MAX_BYTES", "RotatingLog", "engine_error_line", "log_files"]
 
 DEFAULT_MAX_BYTES = 10 << 20
 DEFAULT_KEEP = 2
@@ -60,3 +61,24 @@ class RotatingLog:
             self.path.unlink(missing_ok=True)
         self._handle = open(self.path, "ab")
         self._size = 0
+
+
+# Lines that say what went wrong, in engines' own words, strongest first.
+_ERROR_PATTERNS = (
+    re.compile(r"\berror: .+", re.IGNORECASE),                # argparse, llama.cpp
+    re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception): .+"),
+    re.compile(r"\b(?:ERROR|CRITICAL|FATAL)\b.+"),
+    re.compile(r"\b(?:error|failed|cannot|could not)\b.+", re.IGNORECASE),
+)
+_NOISE = re.compile(r"^(?:usage:|\s+[-\[]|--- .*gpumesh guard: engine exited)")
+
+
+def engine_error_line(lines: list[str]) -> str:
+    """The most telling line of an engine's output: its own error line, not the usage text
+    around it (argparse prints a usage block before `prog: error: ...`), else its last line."""
+    useful = [ln.strip() for ln in lines if ln.strip() and not _NOISE.match(ln)]
+    for pattern in _ERROR_PATTERNS:
+        for line in reversed(useful):
+            if pattern.search(line):
+                return line[:500]
+    return useful[-1][:500] if useful else "(no output)"
