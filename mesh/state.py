@@ -35,7 +35,8 @@ from pysyncobj import FAIL_REASON
 
 from .raft.errors import (CommandRejected, NotLeader, StartupRefused, StateUnavailable,
                           StorageFull, WriteOutcomeUnknown)
-from .raft.node import PeerStatus, RaftNode, RaftStatus
+from .raft.node import RaftNode
+from .raft.status import PeerStatus, RaftStatus
 from .replicated import ReplicatedDocument, StateView
 
 __all__ = ["ClusterStore", "RaftStatus", "PeerStatus", "StateUnavailable",
