@@ -11,10 +11,11 @@ the reconciler stops when the model goes idle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -53,26 +54,28 @@ def slow_engine() -> web.Application:
     return app
 
 
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[tuple[InProcessNode, str]]:
+@contextlib.contextmanager
+def lazy_model_node(tmp_path: Path) -> Iterator[tuple[InProcessNode, str, int, Callable[[], None]]]:
+    """A node serving the slow engine, with the on-demand model 'lazy' (no instance yet):
+    (node, admin key, the engine's port, start_reconciler). start_reconciler() runs the
+    leader's reconciler on the node's loop; it and the node are stopped on leaving."""
     node = InProcessNode(tmp_path / "node", (NODE,))
     node.start()
     tasks: list[asyncio.Task] = []
+
+    def start_reconciler() -> None:
+        async def start() -> None:
+            reconciler = ReplicaReconciler(node.store, Scheduler(reserved_memory_bytes=0))
+            tasks.append(asyncio.create_task(reconciler.run()))
+        node.call(start())
+
     try:
         key = bootstrap(node)
         port = node.serve(slow_engine())
         record = build_model_record({"name": "lazy", "source": str(write_tiny_gguf(
             tmp_path / "tiny.gguf")), "min_replicas": 0, "idle_timeout_s": IDLE_S})
         node.submit({"op": "create_model", "model": record})
-        node.submit({"op": "record_activity", "models": {"lazy": time.time()}})
-        node.submit({"op": "create_instance",
-                     "instance": instance_record("lazy-1", "lazy", "running", NODE, port=port)})
-
-        async def start() -> None:
-            reconciler = ReplicaReconciler(node.store, Scheduler(reserved_memory_bytes=0))
-            tasks.append(asyncio.create_task(reconciler.run()))
-        node.call(start())
-        yield node, key
+        yield node, key, port, start_reconciler
     finally:
         async def stop() -> None:
             for task in tasks:
@@ -80,6 +83,16 @@ def node(tmp_path: Path) -> Iterator[tuple[InProcessNode, str]]:
             await asyncio.gather(*tasks, return_exceptions=True)
         node.call(stop())
         node.stop()
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[tuple[InProcessNode, str]]:
+    with lazy_model_node(tmp_path) as (node, key, port, start_reconciler):
+        node.submit({"op": "record_activity", "models": {"lazy": time.time()}})
+        node.submit({"op": "create_instance",
+                     "instance": instance_record("lazy-1", "lazy", "running", NODE, port=port)})
+        start_reconciler()
+        yield node, key
 
 
 def test_a_stream_longer_than_the_idle_timeout_keeps_its_instance(node) -> None:
@@ -126,15 +139,7 @@ def test_a_request_waiting_for_a_wake_keeps_the_model_wanted_past_its_idle_timeo
     keeps it busy, so an instance is placed even after the idle timeout has passed since the
     request arrived (it used to be found idle again: nothing placed, a 503 after the whole
     wake timeout)."""
-    node = InProcessNode(tmp_path / "node", (NODE,))
-    node.start()
-    tasks: list[asyncio.Task] = []
-    try:
-        key = bootstrap(node)
-        port = node.serve(slow_engine())
-        record = build_model_record({"name": "lazy", "source": str(write_tiny_gguf(
-            tmp_path / "tiny.gguf")), "min_replicas": 0, "idle_timeout_s": IDLE_S})
-        node.submit({"op": "create_model", "model": record})
+    with lazy_model_node(tmp_path) as (node, key, port, start_reconciler):
         node.submit({"op": "upsert_node", "node": {
             "id": NODE, "name": NODE, "status": "ready",
             "backends": {"llama.cpp": {"runs_on_cpu": True, "gpu_vendors": []}},
@@ -157,11 +162,7 @@ def test_a_request_waiting_for_a_wake_keeps_the_model_wanted_past_its_idle_timeo
         time.sleep(3 * IDLE_S)          # the leader comes late: the request is older than that
         assert not waiting.done()
         assert NODE in (node.store.view.models["lazy"].get("busy") or {})
-
-        async def start() -> None:
-            reconciler = ReplicaReconciler(node.store, Scheduler(reserved_memory_bytes=0))
-            tasks.append(asyncio.create_task(reconciler.run()))
-        node.call(start())
+        start_reconciler()
         while not node.store.view.instances:                  # placed for the waiting request
             assert time.monotonic() < deadline, node.store.view.models["lazy"]
             time.sleep(0.05)
@@ -169,10 +170,3 @@ def test_a_request_waiting_for_a_wake_keeps_the_model_wanted_past_its_idle_timeo
         node.submit({"op": "update_instance", "id": instance_id,
                      "changes": {"state": "running", "port": port}})
         assert waiting.result(30) == 200
-    finally:
-        async def stop() -> None:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        node.call(stop())
-        node.stop()
