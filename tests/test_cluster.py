@@ -43,6 +43,19 @@ def cluster(workdir: Path):
         cluster.kill_all()
 
 
+@pytest.fixture(autouse=True)
+def whole_cluster_after(cluster: Cluster) -> Iterator[None]:
+    """Each test leaves the cluster whole for the next; one that fails half-way (a node
+    killed, not yet started again) must not fail every test after it. Members that are down
+    come back with a plain `gpumesh up` on their data dirs."""
+    yield
+    down = [n for n in cluster.nodes if not n.alive and (n.data_dir / "node.json").exists()]
+    if down:
+        cluster.restart(down)
+        cluster.wait(lambda: all(cluster.status(n)["quorum"] for n in cluster.nodes),
+                     "the cluster is whole again", 60)
+
+
 @pytest.fixture(scope="module")
 def tiny(workdir: Path) -> Path:
     return write_tiny_gguf(workdir / "tiny.gguf")
@@ -87,6 +100,12 @@ def chat_load(front: Daemon, count: int) -> Iterator[list[tuple[int, str]]]:
         stop.set()
         for worker in workers:
             worker.join(60)
+
+
+def wait_for_answers(cluster: Cluster, results: list, count: int, what: str) -> None:
+    """Until `results` holds `count` answers: load is counted, not timed, so a slow or
+    busy machine makes the test slower, never wrong (bounded: 60 s)."""
+    cluster.wait(lambda: len(results) >= count, f"{count} answers {what}", 60)
 
 
 def node_id(node: Daemon) -> str:
@@ -189,7 +208,7 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
     hosts = set(running_on(survivors[0]))
     front = next((n for n in survivors if node_id(n) in hosts), survivors[0])
     with chat_load(front, 300) as results:
-        time.sleep(1.0)
+        wait_for_answers(cluster, results, 3, "before the kill")
         old_leader_id = node_id(leader)
         leader_had_instance = old_leader_id in hosts
         killed_at = time.monotonic()
@@ -197,11 +216,12 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
         leader.process.wait(10)                        # type: ignore[union-attr]
         new_leader = cluster.leader(survivors, timeout=20, other_than=leader)
         elected_after = time.monotonic() - killed_at
-        time.sleep(3.0)                                # … and in time
+        at_election = len(results)
+        wait_for_answers(cluster, results, at_election + 10, "after the election")
     failures = [r for r in results if r != (200, "hello there")]
     print(f"\n{len(results)} requests, leader had an instance: {leader_had_instance}, "
           f"new leader after {elected_after:.3f} s")
-    assert len(results) >= 10 and failures == [], (len(results), failures[:5])
+    assert failures == [], (len(results), failures[:5])
     assert new_leader is not leader and elected_after < 15, elected_after
 
     # Scheduling goes on: the dead node is marked unreachable and its instance (if it had
@@ -247,17 +267,17 @@ def test_drain_moves_a_one_replica_model_under_load_without_a_failed_request(
     name = holder.data_dir.name
 
     with chat_load(front, 400) as results:
-        time.sleep(1.0)
+        wait_for_answers(cluster, results, 3, "before the drain")
         before = len(results)
         # The replacement starts elsewhere first; the drained instance stops once it runs.
         drained = front.cli("node", "drain", name, "--wait", "--timeout", "90")
         assert drained.returncode == 0, drained.stderr + holder.output()[-2000:]
         assert f"node {name} is draining: 1 instance(s) moving" in drained.stdout
         assert f"node {name} is drained" in drained.stdout
-        time.sleep(1.0)                            # … and in time
+        wait_for_answers(cluster, results, len(results) + 10, "after the drain")
     failures = [r for r in results if r != (200, "hello there")]
     print(f"\n{len(results)} requests, {len(results) - before} during and after the drain")
-    assert len(results) - before >= 10 and failures == [], (len(results), failures[:5])
+    assert failures == [], (len(results), failures[:5])
 
     placed = running_on(front)
     assert len(placed) == 1 and placed != [holder_id]
