@@ -78,11 +78,20 @@ def running_on(node: Daemon, model: str = "tiny") -> list[str]:
     return sorted(i["node_id"] for i in body["instances"] if i["state"] == "running")
 
 
+class Answers(list):
+    """(status, text) of each chat so far; `over` once every worker has sent its share."""
+    workers: list[threading.Thread] = []
+
+    @property
+    def over(self) -> bool:
+        return not any(worker.is_alive() for worker in self.workers)
+
+
 @contextlib.contextmanager
-def chat_load(front: Daemon, count: int) -> Iterator[list[tuple[int, str]]]:
+def chat_load(front: Daemon, count: int) -> Iterator[Answers]:
     """Two threads chat through `front` until the block ends (bounded: `count` requests
     each); the block gets the results as they come in."""
-    results: list[tuple[int, str]] = []
+    results = Answers()
     stop = threading.Event()
 
     def load() -> None:
@@ -91,7 +100,7 @@ def chat_load(front: Daemon, count: int) -> Iterator[list[tuple[int, str]]]:
                 return
             results.append(chat(front))
 
-    workers = [threading.Thread(target=load) for _ in range(2)]
+    workers = results.workers = [threading.Thread(target=load) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
@@ -102,10 +111,11 @@ def chat_load(front: Daemon, count: int) -> Iterator[list[tuple[int, str]]]:
             worker.join(60)
 
 
-def wait_for_answers(cluster: Cluster, results: list, count: int, what: str) -> None:
-    """Until `results` holds `count` answers: load is counted, not timed, so a slow or
-    busy machine makes the test slower, never wrong (bounded: 60 s)."""
-    cluster.wait(lambda: len(results) >= count, f"{count} answers {what}", 60)
+def wait_for_answers(cluster: Cluster, results: Answers, count: int, what: str) -> None:
+    """Until `results` holds `count` answers (or the load sent all it may): load is
+    counted, not timed, so a slow or busy machine makes the test slower, never wrong
+    (bounded: 60 s)."""
+    cluster.wait(lambda: len(results) >= count or results.over, f"{count} answers {what}", 60)
 
 
 def node_id(node: Daemon) -> str:
@@ -207,7 +217,7 @@ def test_leader_kill_under_load_loses_no_request_and_its_models_serve_elsewhere(
     # the dead node; instances on the dead node must be skipped, not failed.
     hosts = set(running_on(survivors[0]))
     front = next((n for n in survivors if node_id(n) in hosts), survivors[0])
-    with chat_load(front, 300) as results:
+    with chat_load(front, 2000) as results:
         wait_for_answers(cluster, results, 3, "before the kill")
         old_leader_id = node_id(leader)
         leader_had_instance = old_leader_id in hosts
@@ -266,7 +276,7 @@ def test_drain_moves_a_one_replica_model_under_load_without_a_failed_request(
     front = next(n for n in cluster.nodes if n is not holder)   # load through another node
     name = holder.data_dir.name
 
-    with chat_load(front, 400) as results:
+    with chat_load(front, 3000) as results:
         wait_for_answers(cluster, results, 3, "before the drain")
         before = len(results)
         # The replacement starts elsewhere first; the drained instance stops once it runs.
