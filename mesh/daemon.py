@@ -432,7 +432,7 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     EventStream(store, node_id, session).add_routes(app)
     InstanceLogs(store, node_id, session, log_dir).add_routes(app)
     limiter = Limiter(node_id, lambda: store.view.rates)
-    Gateway(store, node_id, session,
+    Gateway(store, node_id,
             routes=RouteTable(lambda: store.view, node_id,
                               node_secret or secrets.token_bytes(32),
                               forward_token(cluster_secret)),

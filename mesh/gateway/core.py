@@ -45,6 +45,7 @@ from .failover import can_continue, continuation
 from .relay import (RETRY_HEADER, EngineTimeout, Exchange, StreamBroken, StreamWatchdog,
                     TryAnotherInstance, relay_answer)
 from .routing import INSTANCE_HEADER, ModelRoute, RouteTable, Target
+from .upstream import StaleConnection, Upstream, UpstreamAnswer
 
 __all__ = ["Gateway", "GatewaySettings"]
 
@@ -60,12 +61,10 @@ class GatewaySettings:
 
 
 class Gateway:
-    def __init__(self, store: ClusterStore, node_id: str, session: aiohttp.ClientSession, *,
-                 routes: RouteTable, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
+    def __init__(self, store: ClusterStore, node_id: str, *, routes: RouteTable, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
                  settings: GatewaySettings) -> None:
         self._store = store
         self._node_id = node_id
-        self._session = session
         self._routes = routes
         self._limiter = limiter
         self._meter = meter
@@ -76,7 +75,7 @@ class Gateway:
         self._activation: Activation | None = None               # the app's, once it runs
         self._watchdog = StreamWatchdog(settings.response_timeout_s,
                                         settings.stream_idle_timeout_s)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
+        self._upstream = Upstream(settings.connect_timeout_s)
         self._endpoints = {e.path: e for e in ENDPOINTS}
 
     def add_routes(self, app: web.Application) -> None:
@@ -88,7 +87,8 @@ class Gateway:
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         """The watchdog and the meter's folds run while the app does; the last fold runs
-        when it stops (after the site stopped taking requests)."""
+        when it stops (after the site stopped taking requests), and the pooled connections
+        to engines and peers close."""
         self._loop = asyncio.get_running_loop()
         self._activation = app.get(ACTIVATION)
         tasks = [asyncio.create_task(self._watchdog.run(), name="stream-watchdog"),
@@ -100,6 +100,7 @@ class Gateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._meter.stop()
+            self._upstream.close()
 
     # --- handlers --------------------------------------------------------------------------
 
@@ -237,8 +238,7 @@ class Gateway:
             in_flight[target.series] += 1
         self._watchdog.watch(exchange, time.monotonic(), asyncio.current_task(self._loop))
         try:
-            upstream = await self._send(target, target.base_url + endpoint.upstream, body,
-                                        headers, exchange)
+            upstream = await self._send(target, endpoint.upstream, body, headers, exchange)
             try:
                 if not target.local and RETRY_HEADER in upstream.headers:
                     # The peer says its instance is gone and nothing was sent.
@@ -261,8 +261,8 @@ class Gateway:
             if target.local:
                 in_flight[target.series] -= 1
 
-    async def _send(self, target: Target, url: str, body: bytes, headers: dict[str, str],
-                    exchange: Exchange) -> aiohttp.ClientResponse:
+    async def _send(self, target: Target, path: str, body: bytes, headers: dict[str, str],
+                    exchange: Exchange) -> UpstreamAnswer:
         """Send the request and wait for the answer's headers.
 
         The watchdog cancels the wait after the response timeout (no timer per request: see
@@ -270,22 +270,17 @@ class Gateway:
         engines close idle keep-alive connections on their own schedule, and a request that
         took such a connection fails before its first byte. That says nothing about the
         engine, so it is sent again to the same instance on a fresh connection. Failing to
-        connect at all (ClientConnectorError, a connect timeout) does say the engine is not
-        there: the caller tries another instance.
+        connect at all (EngineUnreachable: refused, a connect timeout) does say the engine
+        is not there: the caller tries another instance.
         """
         try:
             try:
-                return await self._session.post(url, data=body, headers=headers,
-                                                timeout=self._timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError):
-                raise
-            except aiohttp.ClientConnectionError as exc:
-                log.debug("instance %s: stale pooled connection (%s); retrying",
-                          target.instance_id, exc)
+                return await self._upstream.post(target.base_url, path, body, headers)
+            except StaleConnection as exc:
+                log.debug("instance %s: %s; retrying", target.instance_id, exc)
                 exchange.last_read_at = time.monotonic()
-                return await self._session.post(url, data=body,
-                                                headers={**headers, "Connection": "close"},
-                                                timeout=self._timeout)
+                return await self._upstream.post(target.base_url, path, body, headers,
+                                                 fresh=True)
         except asyncio.CancelledError:
             task = asyncio.current_task(self._loop)
             if not exchange.timed_out or task is None or task.uncancel() > 0:

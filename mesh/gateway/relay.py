@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from .endpoints import fast_loads
+from .upstream import UpstreamAnswer
 
 __all__ = ["EngineTimeout", "Exchange", "RETRY_HEADER", "StreamBroken", "StreamWatchdog", "TryAnotherInstance",
            "relay_answer", "usage_of"]
@@ -37,8 +38,9 @@ log = logging.getLogger("gpumesh.gateway")
 # A peer gateway's answer that says "my instance is gone, nothing was sent to the client":
 # the forwarding gateway tries another instance instead of relaying the error.
 RETRY_HEADER = "X-Gpumesh-Retry"
+# (Content-Encoding passes: the body is relayed as it came, compressed or not.)
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
-                "date", "content-encoding", "x-gpumesh-instance", RETRY_HEADER.lower()}
+                "date", "x-gpumesh-instance", RETRY_HEADER.lower()}
 _BUFFERED_MAX = 4 << 20        # plain answers up to this size are relayed as one body
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 _DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")    # a stream's last event
@@ -63,7 +65,7 @@ class Exchange:
         self.instance: str | None = None
         self.served_by: str | None = None
         self.sent: list[bytes] | None = None    # kept only where a stream can be continued
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: UpstreamAnswer | None = None
         self.timed_out = False
         self.usage_seen = False
         self.strip_usage = False
@@ -140,13 +142,13 @@ def _object_end(data: bytes, start: int) -> int:
     return at
 
 
-def response_headers(upstream: aiohttp.ClientResponse, instance: str) -> dict[str, str]:
+def response_headers(upstream: UpstreamAnswer, instance: str) -> dict[str, str]:
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
     headers["X-Gpumesh-Instance"] = instance
     return headers
 
 
-def relay_answer(request: web.Request, upstream: aiohttp.ClientResponse,
+def relay_answer(request: web.Request, upstream: UpstreamAnswer,
                  exchange: Exchange,
                  response: web.StreamResponse | None = None) -> Awaitable[web.StreamResponse]:
     """Relay `upstream` to the client; into `response` when a continued stream goes on.
@@ -163,7 +165,7 @@ def relay_answer(request: web.Request, upstream: aiohttp.ClientResponse,
     return _relay_body(upstream, exchange)
 
 
-async def _relay_body(upstream: aiohttp.ClientResponse, exchange: Exchange) -> web.Response:
+async def _relay_body(upstream: UpstreamAnswer, exchange: Exchange) -> web.Response:
     try:
         # The whole body before the client sees anything: an engine that dies now has sent
         # nothing the client could notice.
@@ -177,7 +179,7 @@ async def _relay_body(upstream: aiohttp.ClientResponse, exchange: Exchange) -> w
                         headers=response_headers(upstream, exchange.instance or ""))
 
 
-async def _relay_unsized(request: web.Request, upstream: aiohttp.ClientResponse,
+async def _relay_unsized(request: web.Request, upstream: UpstreamAnswer,
                          exchange: Exchange) -> web.StreamResponse:
     first = await _first_chunk(upstream)
     exchange.first_chunk_at = time.monotonic()
@@ -185,20 +187,20 @@ async def _relay_unsized(request: web.Request, upstream: aiohttp.ClientResponse,
                                   headers=response_headers(upstream, exchange.instance or ""))
     await response.prepare(request)
     await response.write(first)
-    async for chunk in upstream.content.iter_any():
+    while chunk := await upstream.readany():
         await response.write(chunk)
     await response.write_eof()
     return response
 
 
-async def _first_chunk(upstream: aiohttp.ClientResponse) -> bytes:
+async def _first_chunk(upstream: UpstreamAnswer) -> bytes:
     try:
-        return await upstream.content.readany()
+        return await upstream.readany()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise TryAnotherInstance(f"the answer broke before its first byte: {exc}") from None
 
 
-async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
+async def _relay_stream(request: web.Request, upstream: UpstreamAnswer,
                         exchange: Exchange,
                         response: web.StreamResponse | None) -> web.StreamResponse:
     if response is None:
@@ -214,7 +216,7 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
     pending = b""
     slow = exchange.rewrite is not None          # a continuation: every event is rewritten
     sent = exchange.sent
-    read, write = upstream.content.readany, response.write
+    read, write = upstream.readany, response.write
     if chunk and exchange.first_chunk_at is None:
         exchange.first_chunk_at = time.monotonic()
     # Per chunk: a timestamp for the watchdog, a substring test, a write, a read.
@@ -256,22 +258,22 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
     return response
 
 
-async def _drain(upstream: aiohttp.ClientResponse) -> None:
+async def _drain(upstream: UpstreamAnswer) -> None:
     """Read what an engine sends after its stream's `[DONE]` (normally just the end of the
     answer). The client has its whole answer: a failure now is nobody's concern, and the
     caller's release() then closes the connection instead of pooling it."""
     try:
-        while extra := await upstream.content.readany():
+        while extra := await upstream.readany():
             log.debug("instance answered %d byte(s) after [DONE]; not relayed", len(extra))
     except (aiohttp.ClientError, asyncio.TimeoutError):
         pass
 
 
-async def _next_chunk(upstream: aiohttp.ClientResponse, exchange: Exchange,
+async def _next_chunk(upstream: UpstreamAnswer, exchange: Exchange,
                       response: web.StreamResponse) -> bytes:
     """The next chunk; b"" at the end; StreamBroken if the engine failed or went silent."""
     try:
-        chunk = await upstream.content.readany()
+        chunk = await upstream.readany()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise StreamBroken(response, str(exc) or type(exc).__name__) from None
     if exchange.timed_out:
