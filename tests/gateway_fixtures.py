@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import subprocess
@@ -160,7 +161,12 @@ def openai_style_app(key: str | None = None) -> web.Application:
         body = await request.json()
         seen.append({"path": request.path, "body": body})
         pixel = base64.b64encode(b"\x89PNG fake").decode()
-        return web.json_response({"created": 1, "data": [{"b64_json": pixel}] * body.get("n", 1)})
+        answer = web.json_response({"created": 1,
+                                    "data": [{"b64_json": pixel}] * body.get("n", 1)})
+        if body.get("x_gzip"):    # compressed although nobody asked: the bytes pass as they are
+            answer.body = gzip.compress(answer.body)
+            answer.headers["Content-Encoding"] = "gzip"
+        return answer
 
     async def speech(request: web.Request) -> web.StreamResponse:
         if not authorised(request):

@@ -84,6 +84,14 @@ def test_image_generation_is_routed_by_model(node) -> None:
     assert node.stand_ins["image"][SEEN][-1]["body"]["prompt"] == "a cat"
 
 
+def test_an_answer_the_engine_compressed_reaches_the_client_decodable(node) -> None:
+    """The gateway relays bytes as they came: Content-Encoding goes with them."""
+    reply = client(node).images.with_raw_response.generate(model="a-image", prompt="a cat",
+                                                           n=3, extra_body={"x_gzip": True})
+    assert reply.headers["content-encoding"] == "gzip"
+    assert len(reply.parse().data) == 3
+
+
 def test_speech_comes_back_as_binary_as_it_is_made(node) -> None:
     audio = client(node).audio.speech.create(model="a-tts", voice="alloy", input="hi")
     assert audio.content == (b"ID3" + b"hi" * 100) * 3

@@ -192,7 +192,8 @@ class _Connection(asyncio.Protocol):
               and not self._chunked()):
             answer._finish()            # an answer whose end is the connection's end
         else:
-            answer._fail(AnswerBroken(f"the engine closed the connection mid-answer"
+            when = "mid-answer" if self.got_bytes else "before answering"
+            answer._fail(AnswerBroken(f"the engine closed the connection {when}"
                                       f"{f' ({exc})' if exc else ''}"))
 
     def pause_writing(self) -> None:     # a large request body is buffered by the transport
@@ -215,7 +216,8 @@ class _Connection(asyncio.Protocol):
         if status < 200:               # 1xx: informational; the real answer follows
             answer._raw_headers.clear()
             return
-        headers = CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
+        # As aiohttp's own client read them; a value that is not UTF-8 is never a crash.
+        headers = CIMultiDict((name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
                               for name, value in answer._raw_headers)
         answer._raw_headers = []
         answer.status = status
@@ -291,6 +293,7 @@ class Upstream:
         self.loop: asyncio.AbstractEventLoop = None      # type: ignore[assignment]
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._addresses: dict[str, tuple[tuple[str, int], str]] = {}
+        self._closed = False
 
     async def post(self, base_url: str, path: str, body: bytes, headers: dict[str, str], *,
                    fresh: bool = False) -> UpstreamAnswer:
@@ -316,6 +319,7 @@ class Upstream:
 
     def close(self) -> None:
         """Close the idle connections (those in use close with their answers)."""
+        self._closed = True
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
@@ -337,7 +341,7 @@ class Upstream:
 
     def _put_back(self, connection: _Connection) -> None:
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= self.max_idle_per_host:
+        if self._closed or len(idle) >= self.max_idle_per_host:
             connection.close()
             return
         connection.idle_since = time.monotonic()
