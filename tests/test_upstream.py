@@ -260,3 +260,28 @@ def test_closing_an_answer_wakes_its_reader() -> None:
             upstream.close()
             server.close()
     run(scenario)
+
+
+def test_bytes_after_a_whole_answer_keep_its_connection_out_of_the_pool() -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")   # unasked
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        server, url = await serve_raw(chatty)
+        upstream = Upstream(5.0)
+        try:
+            answer = await upstream.post(url, "/v1/x", b"{}", JSON)
+            assert await answer.read() == b"ok"
+            await asyncio.sleep(0.2)
+            answer.release()
+            assert not any(upstream._idle.values())
+        finally:
+            upstream.close()
+            server.close()
+    run(scenario)

@@ -169,7 +169,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport       # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.answer is None:          # nothing was asked: not an answer to anything
+        if self.answer is None or self.answer._complete:
+            # Bytes nobody asked for (on an idle connection, or after a whole answer): the
+            # connection cannot be trusted for another request.
             self.close()
             return
         self.got_bytes = True
