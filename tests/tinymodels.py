@@ -15,8 +15,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["CHAT_TEMPLATE", "write_projector_header", "write_tiny_gguf", "write_tiny_hf_llama",
-           "write_tiny_hf_llava", "tiny_png", "VLM_CHAT_TEMPLATE"]
+__all__ = ["CHAT_TEMPLATE", "image_tokens", "write_projector_header", "write_tiny_gguf",
+           "write_tiny_hf_llama", "write_tiny_hf_llava", "write_tiny_mmproj", "tiny_png",
+           "VLM_CHAT_TEMPLATE"]
 
 # A minimal Jinja chat template (rendered by llama.cpp's own engine), so that
 # /v1/chat/completions works without any template guessing by the server.
@@ -225,6 +226,87 @@ def write_projector_header(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_mmproj(
+    path: Path,
+    *,
+    text_n_embd: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    n_embd: int = 32,
+    n_ff: int = 64,
+    n_head: int = 4,
+    n_layer: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight LLaVA-style multimodal projector (all F32) to `path`.
+
+    A CLIP vision tower (`n_layer` pre-norm blocks of width `n_embd` over
+    `image_size`/`patch_size` square patches, a class token) and LLaVA's two-layer MLP
+    projector (llama.cpp's `mlp` type: `mm.0` then GELU then `mm.2`) out to `text_n_embd`,
+    which must be the language model's `n_embd`. llama.cpp's clip loader (tools/mtmd/clip.cpp)
+    reads it as `llava-v1.5`'s mmproj files are read, so `--mmproj` takes it and an image
+    becomes `image_tokens(...)` embeddings in the prompt (the class token is dropped).
+    Name it `mmproj*.gguf` beside the model for gpumesh to deploy the pair as a `vlm`."""
+    if n_embd % n_head or image_size % patch_size:
+        raise ValueError("n_embd must divide by n_head, and image_size by patch_size")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * _WEIGHT_STD).astype(np.float32)
+
+    def norm(prefix: str, width: int) -> None:       # a LayerNorm that starts as identity
+        writer.add_tensor(prefix + ".weight", np.ones(width, dtype=np.float32))
+        writer.add_tensor(prefix + ".bias", np.zeros(width, dtype=np.float32))
+
+    def linear(prefix: str, n_out: int, n_in: int) -> None:
+        writer.add_tensor(prefix + ".weight", rand(n_out, n_in))
+        writer.add_tensor(prefix + ".bias", np.zeros(n_out, dtype=np.float32))
+
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name("gpumesh-tiny-mmproj")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type("mlp")     # LLaVA 1.5's (gguf has no constant for it)
+    writer.add_vision_image_size(image_size)
+    writer.add_vision_patch_size(patch_size)
+    writer.add_vision_embedding_length(n_embd)
+    writer.add_vision_feed_forward_length(n_ff)
+    writer.add_vision_projection_dim(text_n_embd)
+    writer.add_vision_block_count(n_layer)
+    writer.add_vision_head_count(n_head)
+    writer.add_vision_attention_layernorm_eps(1e-5)
+    writer.add_vision_image_mean([0.5, 0.5, 0.5])
+    writer.add_vision_image_std([0.5, 0.5, 0.5])
+    writer.add_vision_use_gelu(True)
+    # ggml's conv kernel (ne: patch, patch, 3, n_embd) is numpy's (n_embd, 3, patch, patch).
+    writer.add_tensor("v.patch_embd.weight", rand(n_embd, 3, patch_size, patch_size))
+    writer.add_tensor("v.class_embd", rand(n_embd))
+    writer.add_tensor("v.position_embd.weight", rand((image_size // patch_size) ** 2 + 1, n_embd))
+    norm("v.pre_ln", n_embd)
+    for i in range(n_layer):
+        block = f"v.blk.{i}"
+        norm(f"{block}.ln1", n_embd)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            linear(f"{block}.{name}", n_embd, n_embd)
+        norm(f"{block}.ln2", n_embd)
+        linear(f"{block}.ffn_up", n_ff, n_embd)
+        linear(f"{block}.ffn_down", n_embd, n_ff)
+    linear("mm.0", text_n_embd, n_embd)
+    linear("mm.2", text_n_embd, text_n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def image_tokens(image_size: int = 32, patch_size: int = 8) -> int:
+    """How many prompt positions one image takes with `write_tiny_mmproj`'s projector."""
+    return (image_size // patch_size) ** 2
 
 
 # A LLaVA (CLIP vision tower + the Llama above) needs torch and transformers to be written

@@ -39,8 +39,8 @@ from ..limits import Limiter, Refusal, Ticket
 from ..metering import Meter
 from ..metrics import GatewayMetrics
 from ..state import ClusterStore
-from .endpoints import (RERANK, ENDPOINTS, Endpoint, ask_for_usage, exact_payload,
-                        plain_documents, read_model)
+from .endpoints import (CHAT, RERANK, ENDPOINTS, Endpoint, ask_for_usage, exact_payload,
+                        image_part, plain_documents, read_model)
 from .failover import can_continue, continuation
 from .relay import (RETRY_HEADER, EngineTimeout, Exchange, StreamBroken, StreamWatchdog,
                     TryAnotherInstance, relay_answer)
@@ -133,6 +133,14 @@ class Gateway:
             return openai_error(400, f"The model '{model_name}' is a {route.kind or 'llm'} "
                                 f"model: it does not serve {endpoint.path}",
                                 code="wrong_model_kind", param="model")
+        if endpoint.upstream == CHAT and route.kind != "vlm" and payload is not None \
+                and (where := image_part(payload)) is not None:
+            # The engine would answer a 500 ("image input is not supported"): it is the
+            # request that is wrong for this model, and the client should hear so.
+            return openai_error(400, f"The model '{model_name}' is a {route.kind or 'llm'} "
+                                "model: it does not take images (a vlm does: a GGUF deployed "
+                                "with its mmproj*.gguf beside it, or a vision model's folder)",
+                                code="image_input_not_supported", param=where)
         activation = self._activation or request.app[ACTIVATION]
         if activation.note(model_name):         # asleep (scaled to zero): wake it, wait
             await activation.wake(model_name)

@@ -26,7 +26,7 @@ except ImportError:         # a dependency, but the gateway works without it (th
     fast_loads = json.loads
 
 __all__ = ["ENDPOINTS", "Endpoint", "ask_for_usage", "exact_payload", "fast_loads",
-           "multipart_field", "plain_documents", "read_model"]
+           "image_part", "multipart_field", "plain_documents", "read_model"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,27 @@ def read_model(endpoint: Endpoint, body: bytes,
     if type(payload) is not dict or type(model := payload.get("model")) is not str:
         return openai_error(400, _NO_MODEL, param="model")
     return model, payload
+
+
+def image_part(payload: dict[str, Any]) -> str | None:
+    """Where the first image of a chat request is (`messages[i].content[j]`), or None.
+
+    OpenAI's content parts: `{"type": "image_url", ...}` (and `input_image`, the Responses
+    API's spelling that some clients send to chat too)."""
+    messages = payload.get("messages")
+    if type(messages) is not list:
+        return None
+    for i, message in enumerate(messages):
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is not list:
+            continue                      # a plain string: the common case, no scan
+        for j, part in enumerate(content):
+            if type(part) is dict and part.get("type") in _IMAGE_PARTS:
+                return f"messages[{i}].content[{j}]"
+    return None
+
+
+_IMAGE_PARTS = frozenset({"image_url", "input_image"})
 
 
 def exact_payload(body: bytes) -> dict[str, Any]:
