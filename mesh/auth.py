@@ -17,9 +17,13 @@ themselves: `GET /api/me`, `GET /api/keys` (their own keys) and `GET /api/usage`
 usage). /v1 takes any valid key. `/api/health` and `/metrics` take none.
 
 Gateways of one cluster call each other for instances on the other node. Such a call
-carries no client key: it carries `X-Gpumesh-Forward`, an HMAC of the cluster secret, and
-is served as the `NODE` principal (the calling gateway has already authenticated,
-limited and metered it). Engines get their own per-instance key (`engine_key`), derived
+carries no client key: it carries `X-Gpumesh-Forward`, signed for that one request with a
+key derived from the cluster secret, and is served as the `NODE` principal (the calling
+gateway has already authenticated, limited and metered it) on the gateway's routes only,
+never on /api. The API may be plain HTTP, so what crosses it must be worth nothing to
+whoever reads it: the signature covers the time, the path, the pinned instance and a digest
+of the body (checked by the gateway once it has read the body), so a header seen on the
+wire authorises only that same request, and only for `FORWARD_WINDOW_S`. Engines get their own per-instance key (`engine_key`), derived
 from a node-local secret, so it never needs replicating and nothing else can call them.
 """
 
@@ -37,7 +41,9 @@ from aiohttp import web
 from .errors import openai_error
 
 __all__ = ["ADMIN", "FORWARD_HEADER", "NODE_ROLE", "PRINCIPAL", "Authenticator", "Principal",
-           "ROLES", "USER", "engine_key", "forward_token", "hash_key", "key_from_request",
+           "ROLES", "USER", "FORWARDED_BODY", "FORWARD_WINDOW_S", "INSTANCE_HEADER", "body_digest",
+           "check_forward", "engine_key", "forward_key", "sign_forward", "hash_key",
+           "key_from_request",
            "new_api_key", "new_user"]
 
 ADMIN = "admin"
@@ -45,6 +51,7 @@ USER = "user"
 ROLES = (ADMIN, USER)
 NODE_ROLE = "node"            # another gateway of this cluster, never a stored role
 FORWARD_HEADER = "X-Gpumesh-Forward"
+INSTANCE_HEADER = "X-Gpumesh-Instance"   # the instance a forwarded request is for
 
 # Paths that need no key: liveness checks and Prometheus scrapes (which carry no key and
 # whose figures name no key or user).
@@ -90,6 +97,8 @@ NODE = Principal(key_id="-", key_name="-", user="-", role=NODE_ROLE, models=None
                  expires=None, key_limits=None, user_limits=None)
 
 PRINCIPAL = web.RequestKey("gpumesh_principal", Principal)
+# The body digest a forwarded request was signed for (set with the NODE principal).
+FORWARDED_BODY = web.RequestKey("gpumesh_forwarded_body", str)
 
 
 # --- keys and users as records ---------------------------------------------------------------
@@ -142,10 +151,48 @@ def engine_key(node_secret: bytes, instance_id: str) -> str:
     return hmac.new(node_secret, b"engine:" + instance_id.encode(), hashlib.sha256).hexdigest()
 
 
-def forward_token(cluster_secret: str) -> str:
-    """What one gateway shows another when it forwards a request to that node's engine."""
-    return hmac.new(cluster_secret.encode(), b"gpumesh-gateway-forward",
-                    hashlib.sha256).hexdigest()
+def forward_key(cluster_secret: str) -> bytes:
+    """The key gateways of one cluster sign forwarded requests with."""
+    return hmac.new(cluster_secret.encode(), b"gpumesh-gateway-forward v2",
+                    hashlib.sha256).digest()
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def sign_forward(key: bytes, path: str, instance: str, body: bytes,
+                 now: float | None = None) -> str:
+    """The `X-Gpumesh-Forward` value for one request: `v2 TIME DIGEST SIGNATURE`."""
+    stamp = int(time.time() if now is None else now)
+    digest = body_digest(body)
+    return f"v2 {stamp} {digest} {_forward_signature(key, stamp, path, instance, digest)}"
+
+
+def check_forward(key: bytes, value: str, path: str, instance: str,
+                  now: float | None = None) -> str | None:
+    """The body digest a forwarded request was signed for, or None if the signature does not
+    hold (wrong key, another path or instance, outside the time window)."""
+    parts = value.split(" ")
+    if len(parts) != 4 or parts[0] != "v2" or not parts[1].isdigit():
+        return None
+    stamp, digest, signature = int(parts[1]), parts[2], parts[3]
+    if abs((time.time() if now is None else now) - stamp) > FORWARD_WINDOW_S:
+        return None
+    expected = _forward_signature(key, stamp, path, instance, digest)
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+        return None
+    return digest
+
+
+# How long a signed forward stays good, either way of "now" (clocks assumed NTP-close;
+# limits.py assumes the same).
+FORWARD_WINDOW_S = 300
+
+
+def _forward_signature(key: bytes, stamp: int, path: str, instance: str, digest: str) -> str:
+    message = f"{stamp}|{path}|{instance}|{digest}".encode("utf-8", "surrogateescape")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def owner_of(record: dict[str, Any]) -> str:
@@ -176,7 +223,7 @@ class Authenticator:
 
     def __init__(self, view: Callable[[], Any], cluster_secret: str) -> None:
         self._view = view
-        self._forward_token = forward_token(cluster_secret)
+        self._forward_key = forward_key(cluster_secret)
         self._keys: Any = None                      # the api_keys dict the cache was built on
         self._users: Any = None
         # key → Principal (None: no such key), for the keys seen since keys or users last
@@ -214,11 +261,18 @@ class Authenticator:
             return None
         forwarded = request.headers.get(FORWARD_HEADER)
         if forwarded is not None:
-            if not hmac.compare_digest(forwarded.encode("utf-8", "replace"),
-                                       self._forward_token.encode()):
-                return openai_error(401, "invalid gateway forward token",
-                                    code="invalid_api_key")
+            digest = check_forward(self._forward_key, forwarded, path,
+                                   request.headers.get(INSTANCE_HEADER, ""))
+            if digest is None:
+                return openai_error(401, "invalid gateway forward signature (another cluster, "
+                                    "another request's, or clocks more than "
+                                    f"{FORWARD_WINDOW_S} s apart)", code="invalid_api_key")
+            if path.startswith("/api/"):
+                return openai_error(403, "a gateway's forward is for the gateway's routes, "
+                                    "not the management API", type_="permission_error",
+                                    code="forbidden")
             request[PRINCIPAL] = NODE
+            request[FORWARDED_BODY] = digest      # the gateway checks the body against it
             return None
         principal = self._check_key(request)
         if type(principal) is not Principal:     # (isinstance of a Response: an ABC check)

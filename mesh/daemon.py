@@ -39,7 +39,7 @@ from .agent import NodeAgent
 from .api import ManagementApi
 from .api_access import AccessApi
 from .api_usage import UsageApi
-from .auth import Authenticator, forward_token
+from .auth import Authenticator, forward_key
 from .api_events import EventStream
 from .banner import print_banner
 from .cluster_api import ClusterApi, ClusterContext
@@ -434,8 +434,8 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
     limiter = Limiter(node_id, lambda: store.view.rates)
     Gateway(store, node_id,
             routes=RouteTable(lambda: store.view, node_id,
-                              node_secret or secrets.token_bytes(32),
-                              forward_token(cluster_secret)),
+                              node_secret or secrets.token_bytes(32)),
+            forward_key=forward_key(cluster_secret),
             limiter=limiter, meter=Meter(store, node_id, limiter),
             metrics=GatewayMetrics(node_id, lambda: _latest_gpus(app)),
             settings=settings or GatewaySettings()).add_routes(app)

@@ -8,14 +8,16 @@ arrives. Then it settles: the limiter learns the tokens, the meter counts the re
 metrics observe it.
 
 Engines listen on loopback and check a per-instance key that only this node can compute.
-An instance on another node is reached through that node's gateway, with the cluster's
-forward token and `X-Gpumesh-Instance` naming the instance: the peer hands it to its engine
-and does nothing else (this node has limited and will meter it). Before the first byte, a
+An instance on another node is reached through that node's gateway, with
+`X-Gpumesh-Instance` naming the instance and a forward signature made for this one request
+(auth.sign_forward): the peer checks the body is the one signed, hands it to its engine and
+does nothing else (this node has limited and will meter it). Before the first byte, a
 refused connection, an answer that breaks before its first byte, or a peer that says its
 instance is gone (`X-Gpumesh-Retry`) moves to the next instance (nothing has reached the
 client: this is what keeps requests alive while a node or the leader dies), and a stale
-pooled connection is retried once on the same instance. After it, a broken stream is continued on another replica where the
-request allows it (failover.py), else the client's connection is cut.
+pooled connection is retried once on the same instance. After it, a broken stream is
+continued on another replica where the request allows it (failover.py), else the client's
+connection is cut.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from aiohttp import web
 from gpumesh.modelfiles.kinds import kind_serves
 
 from ..activation import ACTIVATION, Activation
-from ..auth import PRINCIPAL, Principal
+from ..auth import (FORWARD_HEADER, FORWARDED_BODY, PRINCIPAL, Principal,
+                    body_digest, sign_forward)
 from ..errors import openai_error
 from ..limits import Limiter, Refusal, Ticket
 from ..metering import Meter
@@ -61,11 +64,13 @@ class GatewaySettings:
 
 
 class Gateway:
-    def __init__(self, store: ClusterStore, node_id: str, *, routes: RouteTable, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
+    def __init__(self, store: ClusterStore, node_id: str, *, routes: RouteTable,
+                 forward_key: bytes, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
                  settings: GatewaySettings) -> None:
         self._store = store
         self._node_id = node_id
         self._routes = routes
+        self._forward_key = forward_key
         self._limiter = limiter
         self._meter = meter
         self._metrics = metrics
@@ -118,6 +123,9 @@ class Gateway:
         principal = request[PRINCIPAL]
         started = time.monotonic()
         body = await request.read()
+        if principal.is_node and body_digest(body) != request[FORWARDED_BODY]:
+            return openai_error(401, "the forwarded body is not the one its gateway signed",
+                                code="invalid_api_key")
         parsed = read_model(endpoint, body, request.headers.get("Content-Type", ""))
         if type(parsed) is not tuple:
             return parsed           # a 400
@@ -235,6 +243,9 @@ class Gateway:
         if exchange.streamed and not target.keeps_stream_connections:
             # The engine answers `Connection: close`: this connection never enters the pool.
             headers = {**headers, "Connection": "close"}
+        if not target.local:      # a peer's gateway: signed for this request alone
+            headers = {**headers, FORWARD_HEADER: sign_forward(
+                self._forward_key, endpoint.upstream, target.instance_id, body)}
         instance = target.instance_id
         exchange.instance, exchange.served_by = instance, target.node_id
         activation = self._activation or request.app[ACTIVATION]

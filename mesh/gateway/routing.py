@@ -5,7 +5,8 @@ The table is rebuilt from the replicated state only when models, instances or no
 lookup instead of scanning every instance per request.
 
 A local instance is called directly on loopback with its engine key; an instance on another
-node through that node's gateway, with the forward token and `X-Gpumesh-Instance` naming it.
+node through that node's gateway, with `X-Gpumesh-Instance` naming it (and a forward
+signature the gateway makes per request: auth.sign_forward).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from typing import Any, Callable
 
 from gpumesh.backends.registry import UnknownBackend, get_backend
 
-from ..auth import FORWARD_HEADER, engine_key
+from ..auth import INSTANCE_HEADER, engine_key
 
 __all__ = ["INSTANCE_HEADER", "ModelRoute", "RouteTable", "Target"]
-
-INSTANCE_HEADER = "X-Gpumesh-Instance"
 
 
 @dataclass(slots=True)
@@ -29,7 +28,7 @@ class Target:
     node_id: str
     base_url: str                 # http://127.0.0.1:PORT (engine) or the peer's API URL
     local: bool
-    headers: dict[str, str]       # the engine key, or the forward token and the instance
+    headers: dict[str, str]       # the engine key, or the instance (a peer's)
     keeps_stream_connections: bool
     # Made once here, not per request: the headers of a JSON request to it (never mutated:
     # aiohttp copies them), and its key in the in-flight gauge.
@@ -50,12 +49,10 @@ class ModelRoute:
 
 
 class RouteTable:
-    def __init__(self, view: Callable[[], Any], node_id: str, node_secret: bytes,
-                 forward_token: str) -> None:
+    def __init__(self, view: Callable[[], Any], node_id: str, node_secret: bytes) -> None:
         self._view = view
         self._node_id = node_id
         self._node_secret = node_secret
-        self._forward_token = forward_token
         self._basis: tuple[Any, Any, Any] = (None, None, None)
         self._routes: dict[str, ModelRoute] = {}
 
@@ -93,8 +90,7 @@ class RouteTable:
                 # The peer's gateway (aiohttp) keeps connections, whatever its engine does.
                 target = Target(route.name, instance["id"], instance["node_id"],
                                 node["api_url"], False,
-                                {FORWARD_HEADER: self._forward_token,
-                                 INSTANCE_HEADER: instance["id"]}, True)
+                                {INSTANCE_HEADER: instance["id"]}, True)
             route.targets.append(target)
         self._routes = routes
         self._basis = (view.models, view.instances, view.nodes)
