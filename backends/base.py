@@ -105,6 +105,9 @@ class Backend(abc.ABC):
     # Whether the engine keeps a connection open after a streamed answer. The gateway pools
     # engine connections; one the engine is about to close would fail the next request.
     keeps_stream_connections: bool = True
+    # Whether the engine fetches the http(s) image URLs of a chat itself; the gateway
+    # inlines them as data: URLs for one that does not (mesh/gateway/images.py).
+    fetches_image_urls: bool = True
 
     @abc.abstractmethod
     def version(self) -> str:

@@ -66,6 +66,8 @@ class LlamaCppBackend(Backend):
     # announced keep-alive (measured: 4-9 % of pooled streams failed before the gateway
     # asked these streams for `Connection: close`).
     keeps_stream_connections = False
+    # The llama.cpp in xllamacpp answers an image URL with a 500 ("cannot make GET request").
+    fetches_image_urls = False
 
     def version(self) -> str:
         binary = self.server_binary()

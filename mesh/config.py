@@ -118,6 +118,10 @@ class Config:
     stream_idle_timeout_s: float = field(
         default=120.0, metadata={"flag": "--stream-idle-timeout",
                                  "env": "GPUMESH_STREAM_IDLE_TIMEOUT"})
+    # Remote image URLs in chats for llama.cpp VLMs, fetched by the gateway: off, public
+    # (refusing loopback, link-local, unspecified and multicast addresses) or any.
+    image_fetch: str = field(default="public",
+                             metadata={"flag": "--image-fetch", "env": "GPUMESH_IMAGE_FETCH"})
     # On stop, how long requests in flight (streams too) may finish before they are cut.
     # The whole stop is bounded: this + the engines' grace (10 s) + a few seconds; the
     # systemd unit's TimeoutStopSec is set from that sum (packaging/gpumesh.service).
@@ -203,12 +207,17 @@ class Config:
         for name in ("engine_connect_timeout_s", "engine_response_timeout_s",
                      "stream_idle_timeout_s"):
             setattr(self, name, _seconds(getattr(self, name), name))
+        self.image_fetch = str(self.image_fetch).lower()
+        if self.image_fetch not in ("off", "public", "any"):
+            raise ConfigError(f"--image-fetch must be off, public or any (default public), "
+                              f"got {self.image_fetch!r}")
 
     def gateway_settings(self) -> "GatewaySettings":
         from .gateway import GatewaySettings   # the gateway's imports only where it runs
         return GatewaySettings(connect_timeout_s=self.engine_connect_timeout_s,
                                response_timeout_s=self.engine_response_timeout_s,
-                               stream_idle_timeout_s=self.stream_idle_timeout_s)
+                               stream_idle_timeout_s=self.stream_idle_timeout_s,
+                               image_fetch=self.image_fetch)
 
     @property
     def api_url(self) -> str:

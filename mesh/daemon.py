@@ -438,7 +438,8 @@ def http_app(store: ClusterStore, node_id: str, session: aiohttp.ClientSession,
             forward_key=forward_key(cluster_secret),
             limiter=limiter, meter=Meter(store, node_id, limiter),
             metrics=GatewayMetrics(node_id, lambda: _latest_gpus(app)),
-            settings=settings or GatewaySettings()).add_routes(app)
+            settings=settings or GatewaySettings(),
+            max_body_bytes=max_body_bytes).add_routes(app)
     app[ACTIVATION] = Activation(store, node_id)   # on-demand models: the gateway's hooks
     app.cleanup_ctx.append(app[ACTIVATION].part)
     EvaluateApi(store).add_routes(app)          # POST /api/models/evaluate (dry runs)

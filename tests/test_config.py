@@ -18,7 +18,8 @@ from gpumesh.mesh.config import (
 
 ENV_NAMES = ("GPUMESH_DATA_DIR", "XDG_DATA_HOME", "GPUMESH_HOST", "GPUMESH_API_PORT",
              "GPUMESH_RAFT_PORT", "GPUMESH_NODE_NAME", "GPUMESH_GPU_PROBE",
-             "GPUMESH_RESERVED_MEMORY_MIB", "GPUMESH_LOG_LEVEL", "GPUMESH_MEMORY_LIMIT_MIB")
+             "GPUMESH_RESERVED_MEMORY_MIB", "GPUMESH_LOG_LEVEL", "GPUMESH_MEMORY_LIMIT_MIB",
+             "GPUMESH_IMAGE_FETCH")
 
 
 @pytest.fixture(autouse=True)
@@ -314,3 +315,14 @@ def test_wake_timeout_is_seconds_with_a_default(monkeypatch):
     assert Config.from_sources({}).wake_timeout_s == 30.0
     with pytest.raises(ConfigError, match="--wake-timeout must be more than 0"):
         Config.from_sources({"wake_timeout_s": 0})
+
+
+# --- the gateway's image fetching ----------------------------------------------------------
+
+def test_image_fetch_reaches_the_gateway_settings(monkeypatch):
+    assert Config.from_sources({}).gateway_settings().image_fetch == "public"
+    monkeypatch.setenv("GPUMESH_IMAGE_FETCH", "ANY")
+    assert Config.from_sources({}).gateway_settings().image_fetch == "any"
+    assert Config.from_sources({"image_fetch": "off"}).gateway_settings().image_fetch == "off"
+    assert "--image-fetch must be off, public or any (default public), got 'all'" in \
+        _error({"image_fetch": "all"})

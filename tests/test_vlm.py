@@ -3,12 +3,17 @@ GGUF language model and its multimodal projector (`mmproj-model.gguf`), detects 
 `vlm`, starts the engine with `--mmproj`, and answers a chat with an image in it through the
 gateway. Both files are random-weight and tiny (tests/tinymodels.py), so the answer is
 pinned by a GBNF grammar and the image's effect is read where it is exact: the prompt grows
-by one token per image patch. The same image sent to a plain llm is a clear 400.
+by one token per image patch. The same image sent to a plain llm is a clear 400. An image
+sent as an http URL (served here on loopback, so the daemon runs with `--image-fetch any`)
+is fetched by the gateway and reaches the engine inline (tests/test_images.py has the
+policy and its refusals).
 """
 
 from __future__ import annotations
 
 import base64
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -29,7 +34,7 @@ def node(tmp_path_factory: pytest.TempPathFactory):
     write_tiny_gguf(workdir / "tiny-vlm" / "model.gguf")
     write_tiny_mmproj(workdir / "tiny-vlm" / "mmproj-model.gguf", text_n_embd=64)
     write_tiny_gguf(workdir / "tiny-llm" / "model.gguf")
-    daemon = Daemon(workdir / "data")
+    daemon = Daemon(workdir / "data", "--image-fetch", "any")
     daemon.start()
     try:
         for name in ("tiny-vlm", "tiny-llm"):      # both engines load at once
@@ -40,6 +45,33 @@ def node(tmp_path_factory: pytest.TempPathFactory):
         yield daemon
     finally:
         daemon.kill()
+
+
+class _PictureHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        picture = tiny_png()
+        self.send_response(200 if self.path == "/picture.png" else 404)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(picture)))
+        self.end_headers()
+        self.wfile.write(picture)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def picture_url():
+    """An http URL of the same PNG, served on loopback while the module runs."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PictureHandler)
+    thread = threading.Thread(target=server.serve_forever, name="picture-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/picture.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def client(node: Daemon) -> openai.OpenAI:
@@ -80,6 +112,25 @@ def test_a_chat_with_an_image_is_answered_and_the_image_reaches_the_model(node: 
           f"{seen.usage.prompt_tokens}, + 2 images {twice.usage.prompt_tokens}")
     # A plain string is still a chat, as for any llm.
     assert chat(node, "tiny-vlm", "Say hello.").choices[0].message.content == "hello there"
+
+
+def test_an_image_url_is_fetched_by_the_gateway_and_reaches_the_model(node: Daemon,
+                                                                      picture_url: str) -> None:
+    """llama.cpp cannot fetch URLs (it answered a 500): the gateway inlines the image, and
+    the engine sees exactly what the data: URL gives it."""
+    remote = {"type": "image_url", "image_url": {"url": picture_url}}
+    inline = chat(node, "tiny-vlm", [QUESTION, PICTURE])
+    fetched = chat(node, "tiny-vlm", [QUESTION, remote])
+    twice = chat(node, "tiny-vlm", [QUESTION, remote, PICTURE])
+    assert fetched.choices[0].message.content == "hello there"
+    assert fetched.usage.prompt_tokens == inline.usage.prompt_tokens
+    per_image = image_tokens(image_size=32, patch_size=8)
+    assert twice.usage.prompt_tokens == inline.usage.prompt_tokens + per_image
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(node, "tiny-vlm", [QUESTION, {"type": "image_url",
+                                           "image_url": {"url": picture_url + ".missing"}}])
+    assert refused.value.body["code"] == "image_fetch_failed"
+    assert refused.value.body["param"] == "messages[0].content[1]"
 
 
 def test_an_image_the_engine_cannot_decode_is_the_clients_400(node: Daemon) -> None:

@@ -98,6 +98,11 @@ def register(sub: Any) -> None:
     up.add_argument("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float,
                     help="seconds a stream may go without a chunk before it is cut "
                     "(default 120)")
+    up.add_argument("--image-fetch", choices=["off", "public", "any"],
+                    help="image URLs in chats for llama.cpp VLMs are fetched by the gateway: "
+                    "public refuses loopback, link-local, unspecified and multicast "
+                    "addresses; any allows them; off asks clients for data: URLs "
+                    "(default public)")
     name_values(up)
     up.set_defaults(command="up", handler=cmd_up)
 

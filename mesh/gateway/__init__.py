@@ -5,6 +5,7 @@
 - `routing.py`: where a model's requests can go, rebuilt only when the state changes.
 - `relay.py`: relaying one answer (usage read on the way), the stream watchdog.
 - `failover.py`: continuing a broken stream on another replica.
+- `images.py`: fetching a chat's image URLs for engines that cannot (llama.cpp), bounded.
 """
 
 from .core import Gateway, GatewaySettings

@@ -2,7 +2,8 @@
 
 A request arrives authenticated (mesh/auth.py put its `Principal` on it). The gateway finds
 the model in the body, checks the key may use it and the model's kind serves the route,
-admits it under the key's and user's limits, routes it to a running instance (least
+admits it under the key's and user's limits (then inlines the image URLs of a chat for an
+engine that cannot fetch them: images.py), routes it to a running instance (least
 outstanding requests first, any node), and relays the answer byte for byte, streamed as it
 arrives. Then it settles: the limiter learns the tokens, the meter counts the request, the
 metrics observe it.
@@ -45,6 +46,7 @@ from ..state import ClusterStore
 from .endpoints import (CHAT, RERANK, ENDPOINTS, Endpoint, ask_for_usage, exact_payload,
                         image_part, plain_documents, read_model)
 from .failover import can_continue, continuation
+from .images import ImageFetcher, ImageRefused
 from .relay import (RETRY_HEADER, EngineTimeout, Exchange, StreamBroken, StreamWatchdog,
                     TryAnotherInstance, relay_answer)
 from .routing import INSTANCE_HEADER, ModelRoute, RouteTable, Target
@@ -61,12 +63,18 @@ class GatewaySettings:
     response_timeout_s: float = 600.0     # an engine's silence before its answer begins
     stream_idle_timeout_s: float = 120.0  # an engine's silence between stream chunks
     max_attempts: int = 3                 # instances tried before the first byte
+    # Remote image URLs for engines that cannot fetch them (llama.cpp; images.py): "off",
+    # "public" (not to loopback, link-local, unspecified, multicast) or "any".
+    image_fetch: str = "public"
+    image_max_bytes: int = 20 << 20       # per image
+    image_fetch_timeout_s: float = 10.0   # all of a request's images
+    max_images: int = 8                   # image URLs fetched per request
 
 
 class Gateway:
     def __init__(self, store: ClusterStore, node_id: str, *, routes: RouteTable,
                  forward_key: bytes, limiter: Limiter, meter: Meter, metrics: GatewayMetrics,
-                 settings: GatewaySettings) -> None:
+                 settings: GatewaySettings, max_body_bytes: int = 32 << 20) -> None:
         self._store = store
         self._node_id = node_id
         self._routes = routes
@@ -81,6 +89,10 @@ class Gateway:
         self._watchdog = StreamWatchdog(settings.response_timeout_s,
                                         settings.stream_idle_timeout_s)
         self._upstream = Upstream(settings.connect_timeout_s)
+        self._images = ImageFetcher(settings.image_fetch, max_bytes=settings.image_max_bytes,
+                                    timeout_s=settings.image_fetch_timeout_s,
+                                    max_images=settings.max_images)
+        self._max_body_bytes = max_body_bytes     # a peer's gateway takes as much (inlining)
         self._endpoints = {e.path: e for e in ENDPOINTS}
 
     def add_routes(self, app: web.Application) -> None:
@@ -168,6 +180,13 @@ class Gateway:
                                         param=ticket.limit,
                                         headers={"Retry-After": str(ticket.retry_after_s)})
                 return response
+            if route.inlines_images and endpoint.upstream == CHAT and payload is not None:
+                # Before forwarding: a peer's gateway checks the body it was signed for.
+                try:
+                    body = await self._images.inline(body, payload, self._max_body_bytes)
+                except ImageRefused as refused:
+                    response = refused.response()
+                    return response
             response = await self._answer(request, endpoint, targets, body, payload, exchange)
             return response
         finally:

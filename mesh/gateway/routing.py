@@ -46,6 +46,8 @@ class ModelRoute:
     kind: str | None
     record: dict[str, Any]
     targets: list[Target] = field(default_factory=list)
+    # A vlm whose engine cannot fetch image URLs: the gateway inlines them (images.py).
+    inlines_images: bool = False
 
 
 class RouteTable:
@@ -69,7 +71,9 @@ class RouteTable:
         return self._routes
 
     def _rebuild(self, view: Any) -> None:
-        routes = {name: ModelRoute(name, model.get("kind"), model)
+        routes = {name: ModelRoute(name, model.get("kind"), model,
+                                   inlines_images=model.get("kind") == "vlm"
+                                   and not _fetches_image_urls(model.get("backend")))
                   for name, model in view.models.items()}
         keeps = {name: _keeps_stream_connections(model.get("backend"))
                  for name, model in view.models.items()}
@@ -99,7 +103,17 @@ class RouteTable:
 def _keeps_stream_connections(backend: str | None) -> bool:
     """llama.cpp closes a connection after every streamed answer although it announced
     keep-alive: a pooled one would be stale for the next request. Other engines keep them."""
+    return _backend_says(backend, "keeps_stream_connections")
+
+
+def _fetches_image_urls(backend: str | None) -> bool:
+    """vLLM and SGLang fetch a chat's image URLs themselves; llama.cpp cannot."""
+    return _backend_says(backend, "fetches_image_urls")
+
+
+def _backend_says(backend: str | None, attribute: str) -> bool:
+    """A backend's flag; True for one this node does not know (a custom engine)."""
     try:
-        return bool(getattr(get_backend(backend or ""), "keeps_stream_connections", True))
+        return bool(getattr(get_backend(backend or ""), attribute, True))
     except UnknownBackend:
         return True
