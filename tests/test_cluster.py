@@ -80,7 +80,7 @@ def running_on(node: Daemon, model: str = "tiny") -> list[str]:
 
 class Answers(list):
     """(status, text) of each chat so far; `over` once every worker has sent its share."""
-    workers: list[threading.Thread] = []
+    workers: list[threading.Thread]          # set by chat_load as it starts them
 
     @property
     def over(self) -> bool:

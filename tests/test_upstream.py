@@ -6,7 +6,8 @@ mid-answer). The gateway's tests run every relay through it as well."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -22,19 +23,37 @@ def run(scenario: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+@contextlib.asynccontextmanager
+async def app_engine(app: web.Application) -> AsyncIterator[str]:
+    """An aiohttp app served on loopback (as engines are), for the block; its URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
-async def serve_raw(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                     Awaitable[None]]) -> tuple[asyncio.Server, str]:
+@contextlib.asynccontextmanager
+async def raw_engine(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                      Awaitable[None]]) -> AsyncIterator[str]:
+    """A raw asyncio server answering each connection with `answer`, for the block."""
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def pool() -> AsyncIterator[Upstream]:
+    upstream = Upstream(5.0)
+    try:
+        yield upstream
+    finally:
+        upstream.close()
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
@@ -74,9 +93,7 @@ def echo_app(connections: list[Any]) -> web.Application:
 def test_answers_come_whole_and_one_connection_serves_them_in_turn() -> None:
     async def scenario() -> None:
         connections: list[Any] = []
-        runner, url = await serve_app(echo_app(connections))
-        upstream = Upstream(5.0)
-        try:
+        async with app_engine(echo_app(connections)) as url, pool() as upstream:
             for i in range(3):
                 answer = await upstream.post(url, "/echo", b'{"n": %d}' % i,
                                              {**JSON, "Authorization": "Bearer k"})
@@ -93,18 +110,13 @@ def test_answers_come_whole_and_one_connection_serves_them_in_turn() -> None:
             assert rest == b"data: 1\n\ndata: 2\n\n"
             answer.release()
             assert len({id(t) for t in connections}) == 1
-        finally:
-            upstream.close()
-            await runner.cleanup()
     run(scenario)
 
 
 def test_an_answer_released_unread_closes_its_connection() -> None:
     async def scenario() -> None:
         connections: list[Any] = []
-        runner, url = await serve_app(echo_app(connections))
-        upstream = Upstream(5.0)
-        try:
+        async with app_engine(echo_app(connections)) as url, pool() as upstream:
             answer = await upstream.post(url, "/stream", b"{}", JSON)
             assert await answer.readany() == b"data: 0\n\n"
             answer.release()             # the client left: the engine must stop for nobody
@@ -113,17 +125,12 @@ def test_an_answer_released_unread_closes_its_connection() -> None:
             answer.release()
             assert len({id(t) for t in connections}) == 2
             assert connections[0].is_closing()
-        finally:
-            upstream.close()
-            await runner.cleanup()
     run(scenario)
 
 
 def test_a_large_answer_read_slowly_pauses_the_engine_and_arrives_intact() -> None:
     async def scenario() -> None:
-        runner, url = await serve_app(echo_app([]))
-        upstream = Upstream(5.0)
-        try:
+        async with app_engine(echo_app([])) as url, pool() as upstream:
             answer = await upstream.post(url, "/big", b"", JSON)
             connection = answer._connection
             await asyncio.sleep(0.3)                 # nobody reads: the engine is paused
@@ -133,9 +140,6 @@ def test_a_large_answer_read_slowly_pauses_the_engine_and_arrives_intact() -> No
             assert body == bytes(range(256)) * (4 << 12)
             assert not connection.paused
             answer.release()
-        finally:
-            upstream.close()
-            await runner.cleanup()
     run(scenario)
 
 
@@ -147,16 +151,11 @@ def test_an_answer_that_ends_with_its_connection() -> None:
         writer.close()
 
     async def scenario() -> None:
-        server, url = await serve_raw(answer)
-        upstream = Upstream(5.0)
-        try:
+        async with raw_engine(answer) as url, pool() as upstream:
             reply = await upstream.post(url, "/v1/x", b"{}", JSON)
             assert reply.status == 200 and await reply.read() == b"all of it"
             reply.release()
             assert not upstream._idle.get(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        finally:
-            upstream.close()
-            server.close()
     run(scenario)
 
 
@@ -176,9 +175,7 @@ def test_a_pooled_connection_closed_by_the_engine_is_stale_and_a_fresh_one_works
             writer.close()
 
     async def scenario() -> None:
-        server, url = await serve_raw(answer)
-        upstream = Upstream(5.0)
-        try:
+        async with raw_engine(answer) as url, pool() as upstream:
             first = await upstream.post(url, "/v1/x", b"{}", JSON)
             assert await first.read() == b"ok"
             first.release()
@@ -188,9 +185,6 @@ def test_a_pooled_connection_closed_by_the_engine_is_stale_and_a_fresh_one_works
             assert await again.read() == b"ok"
             again.release()
             assert len(served) == 2
-        finally:
-            upstream.close()
-            server.close()
     run(scenario)
 
 
@@ -207,10 +201,8 @@ def test_a_death_mid_answer_and_an_answer_that_is_not_http_are_broken() -> None:
         await writer.drain()
 
     async def scenario() -> None:
-        dying, dying_url = await serve_raw(dies)
-        liar, liar_url = await serve_raw(garbage)
-        upstream = Upstream(5.0)
-        try:
+        async with raw_engine(dies) as dying_url, raw_engine(garbage) as liar_url, \
+                pool() as upstream:
             answer = await upstream.post(dying_url, "/v1/x", b"{}", JSON)
             assert await answer.readany() == b"only ten b"
             with pytest.raises(AnswerBroken, match="mid-answer"):
@@ -218,10 +210,6 @@ def test_a_death_mid_answer_and_an_answer_that_is_not_http_are_broken() -> None:
             answer.release()
             with pytest.raises(AnswerBroken, match="not HTTP"):
                 await upstream.post(liar_url, "/v1/x", b"{}", JSON)
-        finally:
-            upstream.close()
-            dying.close()
-            liar.close()
     run(scenario)
 
 
@@ -247,18 +235,13 @@ def test_closing_an_answer_wakes_its_reader() -> None:
         await asyncio.sleep(10)
 
     async def scenario() -> None:
-        server, url = await serve_raw(silent)
-        upstream = Upstream(5.0)
-        try:
+        async with raw_engine(silent) as url, pool() as upstream:
             answer = await upstream.post(url, "/v1/x", b"{}", JSON)
             reading = asyncio.create_task(answer.readany())
             await asyncio.sleep(0.05)
             answer.close()
             with pytest.raises(AnswerBroken, match="closed"):
                 await reading
-        finally:
-            upstream.close()
-            server.close()
     run(scenario)
 
 
@@ -273,15 +256,10 @@ def test_bytes_after_a_whole_answer_keep_its_connection_out_of_the_pool() -> Non
         await asyncio.sleep(10)
 
     async def scenario() -> None:
-        server, url = await serve_raw(chatty)
-        upstream = Upstream(5.0)
-        try:
+        async with raw_engine(chatty) as url, pool() as upstream:
             answer = await upstream.post(url, "/v1/x", b"{}", JSON)
             assert await answer.read() == b"ok"
             await asyncio.sleep(0.2)
             answer.release()
             assert not any(upstream._idle.values())
-        finally:
-            upstream.close()
-            server.close()
     run(scenario)

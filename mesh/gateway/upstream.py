@@ -198,12 +198,6 @@ class _Connection(asyncio.Protocol):
             answer._fail(AnswerBroken(f"the engine closed the connection {when}"
                                       f"{f' ({exc})' if exc else ''}"))
 
-    def pause_writing(self) -> None:     # a large request body is buffered by the transport
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
